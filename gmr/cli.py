@@ -67,7 +67,7 @@ def _add_train(sub) -> None:
     p.add_argument("--epochs", type=int); p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float); p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", help="step (paper) or onecycle")
+    p.add_argument("--schedule", help="step (paper), onecycle or constant")
     p.add_argument("--seed", type=int); p.add_argument("--split-seed", type=int)
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. --opt lambda_=5 (see `gmr methods`)")

@@ -54,7 +54,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "step"              # step: lr / 5, 25, 125 at 1/4, 1/2, 3/4 (paper); onecycle
+    schedule: str = "step"              # step: lr / 5, 25, 125 at 1/4, 1/2, 3/4 (paper); onecycle; constant
     seed: int = 0                       # training randomness (init, shuffling, attack noise)
     method_options: dict[str, Any] = field(default_factory=dict)
     data_root: str = "data"
@@ -88,8 +88,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.schedule not in ("step", "onecycle"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; valid schedules: step, onecycle")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
         if self.probe_pgd_steps is not None and self.probe_pgd_steps <= 0:
             raise ValueError(f"probe_pgd_steps must be positive, got {self.probe_pgd_steps}")
         if self.threads is not None and self.threads <= 0:
@@ -116,9 +116,14 @@ class TrainConfig:
         return d
 
 
+SCHEDULES = ("step", "onecycle", "constant")
+
+
 def lr_factor(schedule: str, step: int, total: int) -> float:
     """Multiplier of the base lr at iteration `step` of `total`."""
     t = step / max(total, 1)
+    if schedule == "constant":  # short studies: the step schedule's first decay comes too early
+        return 1.0
     if schedule == "step":
         return 1.0 if t < 0.25 else 1 / 5 if t < 0.5 else 1 / 25 if t < 0.75 else 1 / 125
     # one cycle: linear warm-up to the base lr over 40% of training, linear decay to 0
