@@ -192,7 +192,10 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict:
     run_json, ckpt_path = out / "run.json", out / "checkpoint.pt"
     if run_json.exists():
         done = read_json(run_json)
-        if done.get("status") == "complete" and done.get("config_identity") == cfg.identity():
+        if done.get("config_identity") != cfg.identity():
+            raise RunConflict(f"{out} holds a finished run with another configuration; use a new --out "
+                              "or delete the folder to start over")
+        if done.get("status") == "complete":
             return done
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
