@@ -1,0 +1,281 @@
+"""Training methods: smoke steps, counted passes = declared cost, GMR against a hand computation,
+eval mode during attacks and train mode during the update, per-dataset option defaults."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmr.cost import PassCounter
+from gmr.methods import METHODS, make_options, method_cost
+from gmr.models import create_model
+
+ALL = METHODS.names()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _batch(dataset: str, b: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 28, 28) if dataset == "mnist" else (3, 32, 32)
+    return torch.rand(b, *shape, generator=gen), torch.randint(0, 10, (b,), generator=gen)
+
+
+def _step(name: str, dataset: str, b: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model("tiny_cnn", dataset).train()
+    x, y = _batch(dataset, b, seed)
+    options = make_options(name, dataset)
+    eps = 0.3 if dataset == "mnist" else 8 / 255
+    return model, x, y, eps, options
+
+
+def test_registry_holds_the_issue_methods():
+    assert {"standard", "fgsm", "rfgsm", "gmr", "pgd", "fgsm_rs", "n_fgsm", "gradalign",
+            "sat_r1", "sat_r3"} <= set(ALL)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+@pytest.mark.parametrize("name", ALL)
+def test_smoke_step(name, dataset):
+    model, x, y, eps, options = _step(name, dataset)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        out = METHODS.get(name).fn(model, x, y, eps, options)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        assert out.logits.shape == (len(y), 10) and torch.equal(out.targets, y)
+        assert all(v.ndim == 0 and torch.isfinite(v) for v in out.probes.values())
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert model.training, "the method must leave the model in train mode"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_counted_passes_equal_declared_cost(name):
+    b = 16
+    model, x, y, eps, options = _step(name, "mnist", b)
+    counter = PassCounter(model)
+    out = METHODS.get(name).fn(model, x, y, eps, options)
+    out.loss.backward()
+    counter.remove()
+    declared = method_cost(name, options, b)
+    assert counter.count.forward == pytest.approx(declared.forward * b), "forward passes"
+    assert counter.count.backward == pytest.approx(declared.backward * b), "backward passes"
+
+
+@pytest.mark.parametrize("clean_fraction", [0.25, 0.5])
+@pytest.mark.parametrize("name", ["fgsm", "rfgsm"])
+def test_counted_passes_with_clean_fraction(name, clean_fraction):
+    b = 16
+    model, x, y, eps, _ = _step(name, "mnist", b)
+    options = make_options(name, "mnist", {"clean_fraction": clean_fraction})
+    counter = PassCounter(model)
+    METHODS.get(name).fn(model, x, y, eps, options).loss.backward()
+    declared = method_cost(name, options, b)
+    assert declared.forward < 2
+    assert counter.count.forward == pytest.approx(declared.forward * b)
+    assert counter.count.backward == pytest.approx(declared.backward * b)
+
+
+def test_pass_counter_counts_a_known_sequence():
+    model = create_model("tiny_cnn", "mnist")
+    counter = PassCounter(model)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        model(x)
+    model(x).sum().backward()
+    counter.enabled = False
+    model(x).sum().backward()
+    assert (counter.count.forward, counter.count.backward) == (10, 5)
+    assert counter.count.passes == 7.5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eval_mode_during_attack_train_mode_during_update(name):
+    model, x, y, eps, options = _step(name, "mnist", 8)
+    calls = []
+
+    def hook(module, inputs, output):
+        flags = {m.training for m in module.modules()}
+        assert len(flags) == 1, "all modules must share one mode within a forward"
+        calls.append((module.training, len(inputs[0])))
+
+    model.register_forward_hook(hook)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    tracked = int(bn.num_batches_tracked)
+    METHODS.get(name).fn(model, x, y, eps, options)
+    assert calls
+    assert [t for t, _ in calls[:-1]] == [False] * (len(calls) - 1), f"attack forwards: {calls}"
+    assert calls[-1][0] is True, "the update forward must run in train mode"
+    assert int(bn.num_batches_tracked) == tracked + 1, "BatchNorm statistics updated once, by the update"
+    if name == "gmr":  # one input-gradient pass on [x; x~], one update forward on [x_fgsm; x_rfgsm]
+        assert calls == [(False, 16), (True, 16)]
+
+
+# --------------------------------------------------------------------------------------------------
+# GMR against a hand computation
+
+class Linear(nn.Module):
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0]).double()
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+W = torch.tensor([[0.9, -0.7, 0.4, 1.3, -0.2, 0.6],
+                  [-0.5, 1.1, -1.2, 0.3, 0.8, -0.9],
+                  [0.2, 0.35, 0.95, -1.05, -0.6, 0.45]], dtype=torch.float64)
+B = torch.tensor([0.1, -0.2, 0.05], dtype=torch.float64)
+X = torch.tensor([[0.0, 0.5, 1.0, 0.02, 0.98, 0.3],
+                  [0.45, 0.55, 0.6, 0.4, 0.5, 0.5],
+                  [1.0, 0.0, 0.25, 0.75, 0.1, 0.9],
+                  [0.33, 0.66, 0.5, 0.5, 0.2, 0.8]], dtype=torch.float64).view(4, 1, 2, 3)
+Y = torch.tensor([0, 1, 2, 1])
+EPS, ALPHA, LAMBDA, SEED = 0.3, 0.05, 5.0, 1234
+
+
+def _logits(x):
+    return x.reshape(len(x), -1) @ W.T + B
+
+
+def _ce_input_grad(x, y):
+    """d/dx sum_i CE(W x_i + b, y_i) = (softmax(z) - onehot(y)) W, by hand."""
+    z = _logits(x)
+    p = torch.exp(z - z.max(1, keepdim=True).values)
+    p = p / p.sum(1, keepdim=True)
+    onehot = torch.zeros_like(p)
+    onehot[torch.arange(len(y)), y] = 1.0
+    return ((p - onehot) @ W).view_as(x)
+
+
+def _ce_mean(z, y):
+    m = z.max(1, keepdim=True).values
+    lse = (m + torch.log(torch.exp(z - m).sum(1, keepdim=True))).squeeze(1)
+    return (lse - z[torch.arange(len(y)), y]).mean()
+
+
+def _expected_gmr(projected: bool):
+    torch.manual_seed(SEED)
+    noise = torch.randn(X.shape, dtype=X.dtype).sign()       # the sign(N(0, I)) draw of the method
+    x_noisy = X + ALPHA * noise                               # not clipped before the gradient
+    g, g_noisy = _ce_input_grad(X, Y), _ce_input_grad(x_noisy, Y)
+    assert g.abs().min() > 1e-3 and g_noisy.abs().min() > 1e-3, "test data must avoid zero gradients"
+    x_fgsm = torch.clamp(X + EPS * torch.sign(g), 0.0, 1.0)
+    if projected:  # Tramer et al.: eps - alpha step from the (clipped) noisy point, projection to the ball
+        step = torch.clamp(x_noisy, 0.0, 1.0) + (EPS - ALPHA) * torch.sign(g_noisy)
+        x_rfgsm = torch.clamp(torch.minimum(torch.maximum(step, X - EPS), X + EPS), 0.0, 1.0)
+    else:          # the paper's code: full eps step after the noise, no projection
+        x_rfgsm = torch.clamp(x_noisy + EPS * torch.sign(g_noisy), 0.0, 1.0)
+    z_fgsm, z_rfgsm = _logits(x_fgsm), _logits(x_rfgsm)
+    ce = _ce_mean(z_fgsm, Y)
+    reg = ((z_fgsm - z_rfgsm) ** 2).sum(1).mean()
+    return dict(loss=ce + LAMBDA * reg, ce=ce, reg=reg, x_fgsm=x_fgsm, x_rfgsm=x_rfgsm, z_fgsm=z_fgsm)
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_gmr_loss_matches_hand_computation(projected):
+    expected = _expected_gmr(projected)
+    model = Linear(W, B).train()
+    inputs = []
+    model.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach().clone()))
+    options = make_options("gmr", "mnist", {"lambda_": LAMBDA, "alpha": ALPHA, "projected": projected})
+    torch.manual_seed(SEED)
+    out = METHODS.get("gmr").fn(model, X.clone(), Y, EPS, options)
+
+    assert abs(out.loss.item() - expected["loss"].item()) < 1e-6
+    assert abs(out.probes["ce"].item() - expected["ce"].item()) < 1e-6
+    assert abs(out.probes["reg"].item() - expected["reg"].item()) < 1e-6
+    assert torch.allclose(out.logits, expected["z_fgsm"], atol=1e-6, rtol=0)
+    # the update forward sees [x_fgsm; x_rfgsm]
+    assert len(inputs) == 2
+    update = inputs[-1]
+    assert torch.allclose(update[:4], expected["x_fgsm"], atol=1e-12, rtol=0)
+    assert torch.allclose(update[4:], expected["x_rfgsm"], atol=1e-12, rtol=0)
+
+    dist = (expected["x_rfgsm"] - X).abs().max().item()
+    if projected:
+        assert dist <= EPS + 1e-12
+    else:  # faithful: NOT projected, may lie up to eps + alpha from x (and does here)
+        assert EPS + ALPHA / 2 < dist <= EPS + ALPHA + 1e-12
+    # the loss is differentiable through both sides
+    out.loss.backward()
+    assert model.fc.weight.grad is not None and torch.isfinite(model.fc.weight.grad).all()
+
+
+def test_faithful_and_projected_gmr_differ():
+    assert abs(_expected_gmr(False)["loss"] - _expected_gmr(True)["loss"]) > 1e-3
+
+
+def test_gmr_noise_follows_the_global_seed():
+    model = Linear(W, B)
+    options = make_options("gmr", "mnist", {"alpha": ALPHA})
+    torch.manual_seed(0)
+    a = METHODS.get("gmr").fn(model, X, Y, EPS, options).loss
+    torch.manual_seed(0)
+    b = METHODS.get("gmr").fn(model, X, Y, EPS, options).loss
+    assert a.item() == b.item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+
+def test_gmr_defaults_per_dataset():
+    mnist = make_options("gmr", "mnist")
+    cifar = make_options("gmr", "cifar10")
+    assert (mnist.lambda_, mnist.alpha, mnist.projected) == (5.0, 0.01, False)
+    assert cifar.lambda_ == 25.0 and cifar.alpha == pytest.approx(2 / 255)
+    assert make_options("gmr", "fashion_mnist").lambda_ == 5.0
+    assert make_options("gmr", "cifar100").lambda_ == 25.0
+
+
+def test_other_method_defaults_per_dataset():
+    assert make_options("pgd", "mnist").steps == 40 and make_options("pgd", "mnist").step_size == 0.01
+    assert make_options("pgd", "cifar10").steps == 7
+    assert make_options("rfgsm", "cifar10").alpha == pytest.approx(2 / 255)
+    assert make_options("sat_r1", "mnist").steps == 10 and make_options("sat_r1", "cifar10").steps == 3
+    r3 = make_options("sat_r3", "cifar10")
+    assert r3.eps_low == pytest.approx(2 / 255) and r3.tau == 0.6
+
+
+def test_overrides_and_coercion():
+    o = make_options("gmr", "mnist", {"lambda_": "7", "projected": "true"})
+    assert o.lambda_ == 7.0 and isinstance(o.lambda_, float) and o.projected is True
+    assert make_options("pgd", "cifar10", {"steps": 3}).steps == 3
+    with pytest.raises(ValueError, match="lambda_"):
+        make_options("gmr", "mnist", {"lambda_": "lots"})
+
+
+def test_unknown_option_error_lists_valid_options():
+    with pytest.raises(ValueError) as info:
+        make_options("gmr", "mnist", {"lambda": 5})
+    message = str(info.value)
+    assert "'lambda'" in message
+    for field in dataclasses.fields(METHODS.get("gmr").options):
+        assert field.name in message
+    with pytest.raises(ValueError, match=r"\(none\)"):
+        make_options("standard", "mnist", {"x": 1})
+
+
+def test_unknown_method_lists_valid_methods():
+    with pytest.raises(ValueError) as info:
+        make_options("gmrr", "mnist")
+    assert all(name in str(info.value) for name in ALL)
