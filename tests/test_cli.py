@@ -165,12 +165,12 @@ def test_evaluate_writes_json_and_npz(make_run, tmp_path, capsys):
     assert record["n_examples"] == 20
     assert set(record["attacks"]) == {"clean", "fgsm", "pgd"}
     npz = np.load(out.with_suffix(".npz"))
-    assert set(npz.files) == {"clean", "fgsm", "pgd"}
+    assert {"clean", "fgsm", "pgd"} <= set(npz.files)
     for name in ("clean", "fgsm", "pgd"):
         assert npz[name].shape == (20,) and npz[name].dtype == bool
         assert record["attacks"][name]["accuracy"] == pytest.approx(npz[name].mean())
         assert record["attacks"][name]["n_examples"] == 20
-    worst = np.logical_and.reduce([npz[n] for n in npz.files]).mean()
+    worst = np.logical_and.reduce([npz[n] for n in ("clean", "fgsm", "pgd")]).mean()
     assert record["worst_case"]["accuracy"] == pytest.approx(worst)
     assert str(out) in capsys.readouterr().out
 
