@@ -47,11 +47,27 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """Reject a value of the wrong type (e.g. `epochs: abc` in a YAML file) with one clear line."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+    parts = [p.strip() for p in str(annotation).split("|")]
+    if not all(p in kinds for p in parts):
+        if parts[0].startswith("dict") and not isinstance(value, dict):
+            raise UsageError(f"option {name} must be a mapping of key: value, got {value!r}")
+        return
+    for p in parts:
+        if isinstance(value, kinds[p]) and not (p in ("int", "float") and isinstance(value, bool)):
+            return
+    raise UsageError(f"option {name} must be {' or '.join(parts)}, got {value!r}")
+
+
 def _build(cls, values: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    for name, value in values.items():
+        _check_type(name, value, fields[name])
     return cls(**values)
 
 
@@ -86,6 +102,8 @@ def _cmd_train(args) -> int:
 
     values = _load_yaml(args.config)
     opts = values.pop("method_options", {}) or {}
+    if not isinstance(opts, dict):
+        raise UsageError(f"method_options in {args.config} must be a mapping of option: value")
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None and f.name != "method_options":
