@@ -135,13 +135,15 @@ def test_out_that_cannot_be_written_exits_2(tmp_path, mnist_root, capsys, monkey
 
 @pytest.mark.parametrize("content, match", [
     (None, "does not exist"), ("epochs: [1\n", "not valid YAML"), ("- 1\n- 2\n", "mapping"),
-    ("epochz: 3\n", "epochz"),
+    ("epochz: 3\n", "epochz"), ("epochs: abc\n", "epochs must be int"),
+    ("eps: '0.3'\n", "eps must be float"), ("seed: true\n", "seed must be int"),
+    ("method_options: [1, 2]\n", "method_options"),
 ])
 def test_bad_config_file_exits_2(tmp_path, mnist_root, capsys, content, match):
     config = tmp_path / "c.yaml"
     if content is not None:
         config.write_text(content)
-    assert main(tiny_args(mnist_root, tmp_path / "run", "--config", str(config))) == 2
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and match in lines[0], lines
     assert not (tmp_path / "run").exists()
