@@ -244,7 +244,102 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable] = [_add_train, _add_evaluate, _add_listings]
+def _add_diagnose(sub) -> None:
+    p = sub.add_parser("diagnose", help="gradient-masking probes and audit of one run",
+                       description="Probe a trained run for gradient masking on the first n test points; "
+                       "write audit.json (checks + verdict), one CSV per probe and figures into --out.")
+    p.add_argument("--run", required=True, help="run directory written by `gmr train`")
+    p.add_argument("--out", required=True, help="output folder (audit.json, *.csv, *.png, *.pdf)")
+    p.add_argument("--checkpoint", default="best", help="best (default) or last")
+    p.add_argument("--n-test", type=int, default=500, help="first n test points (default 500)")
+    p.add_argument("--n-curve", type=int, help="points for the sanity curves (default 200)")
+    p.add_argument("--eval", dest="eval_json", metavar="EVAL.json",
+                   help="`gmr evaluate` result of this run (AutoAttack flags and breakdown)")
+    p.add_argument("--transfer-from", metavar="SOURCE_RUN", help="run whose PGD examples are transferred")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", help="default: the run's own data root")
+    p.add_argument("--batch-size", type=int, help="default 250")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true",
+                   help="small probes for smoke tests (fewer PGD steps, restarts and grid points)")
+    p.set_defaults(func=_cmd_diagnose)
+
+
+def _cmd_diagnose(args) -> int:
+    from .diagnostics import DiagnoseConfig, ProbeSettings, diagnose, write_diagnosis
+    from .io import ensure_writable_dir, write_json
+
+    settings = ProbeSettings.quick() if args.quick else ProbeSettings()
+    if args.n_curve is not None:
+        settings.n_curve = args.n_curve
+    if args.batch_size is not None:
+        settings.batch_size = args.batch_size
+    cfg = DiagnoseConfig(run=args.run, checkpoint=args.checkpoint, n_test=args.n_test,
+                         eval_json=args.eval_json, transfer_from=args.transfer_from, seed=args.seed,
+                         device=args.device, data_root=args.data_root, threads=args.threads,
+                         settings=settings)
+    try:
+        cfg.validate()
+        out = ensure_writable_dir(args.out)
+        from .cost import pick_device
+        from .evaluate import load_run_model
+        load_run_model(args.run, args.checkpoint, pick_device("cpu"))  # a corrupt checkpoint fails here
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    from .plots import diagnosis_figures
+
+    diag = diagnose(cfg)
+    written = write_diagnosis(diag, out)
+    figures = diagnosis_figures(out)
+    diag.audit["files"] = sorted(p.name for p in written + figures if p.name != "audit.json")
+    write_json(out / "audit.json", diag.audit)
+    s, v = diag.audit["summary"], diag.audit["verdict"]
+    print(f"{args.run} ({args.checkpoint}, n={diag.audit['n_examples']}): clean {s['clean_accuracy']:.3f}, "
+          f"fgsm {s['fgsm_accuracy']:.3f}, pgd {s['pgd_accuracy']:.3f}, alignment {s['gradient_alignment']:.3f}; "
+          f"masking: {v['masking']} -> {out}/audit.json")
+    return 0
+
+
+def _add_plots(sub) -> None:
+    p = sub.add_parser("plots", help="comparison figures across runs",
+                       description="Draw training curves, robust accuracy vs cost and, from `gmr diagnose` "
+                       "folders, loss surfaces, accuracy vs eps and vs steps side by side.")
+    p.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="run directories")
+    p.add_argument("--out", required=True, help="output folder for the figures")
+    p.add_argument("--diagnostics", nargs="*", default=[], metavar="DIR", help="`gmr diagnose` folders")
+    p.add_argument("--evals", nargs="*", default=[], metavar="FILE", help="`gmr evaluate` JSON files")
+    p.set_defaults(func=_cmd_plots)
+
+
+def _cmd_plots(args) -> int:
+    from .io import ensure_writable_dir, read_json
+
+    try:
+        for run in args.runs:
+            if not (Path(run) / "run.json").is_file():
+                raise ValueError(f"{run} is not a finished run directory (no run.json)")
+        for d in args.diagnostics:
+            if not (Path(d) / "audit.json").is_file():
+                raise ValueError(f"{d} is not a `gmr diagnose` folder (no audit.json)")
+        for e in args.evals:
+            try:
+                record = read_json(e)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"evaluation file {e} cannot be read: {err}") from None
+            if not isinstance(record, dict) or "attacks" not in record:
+                raise ValueError(f"{e} is not a `gmr evaluate` result (no 'attacks')")
+        out = ensure_writable_dir(args.out)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    from .plots import comparison_figures
+
+    written = comparison_figures(args.runs, out, args.diagnostics, args.evals)
+    print(f"{len(written)} files -> {out}: " + ", ".join(sorted({p.stem for p in written})))
+    return 0
+
+
+SUBCOMMANDS: list[Callable] = [_add_train, _add_evaluate, _add_listings, _add_diagnose, _add_plots]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,337 @@
+"""Gradient-masking probes on constructed models with known answers, the audit, its schema and the CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import jsonschema
+import pytest
+import torch
+from torch import nn
+
+from gmr.cli import main
+from gmr.data import DataSpec, Split, load_split
+from gmr.diagnostics import (RULES, DiagnoseConfig, ProbeSettings, build_checks,
+                             catastrophic_overfitting_epoch, diagnose, line_statistics, make_check,
+                             run_probes, sign_agreement, validate_audit, verdict, write_diagnosis)
+
+GRADIENT_CHECKS = ("zero_gradient_fraction", "gradient_alignment_fgsm_robust", "sign_agreement_fgsm_robust",
+                   "fgsm_loss_nonmonotone", "boundary_distortion")
+# tests use smaller probes still than --quick (2 CPU cores, a few seconds per model)
+# make_run's default (1 epoch, step schedule) stays at chance; this learns (about 75% clean accuracy)
+TRAINED = dict(schedule="constant", lr=0.05)
+TINY = ProbeSettings(batch_size=64, n_curve=24, n_surface=1, surface_points=5, line_points=11,
+                     pgd_steps=(1, 5, 10), restarts=2, restart_steps=5, sweep_steps=5,
+                     eps_factors=(0.0, 0.5, 1.0), large_eps=(1.0,), attack_steps=10)
+
+
+def by_name(checks):
+    return {c["name"]: c for c in checks}
+
+
+# --------------------------------------------------------------------------------------------------
+# Constructed models
+
+class BinaryLinear(nn.Module):
+    """Logits (0, w.x + b): the input gradient of the CE loss is a positive multiple of -+w everywhere."""
+
+    def __init__(self, d: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(d, generator=g) / d ** 0.5)
+        self.b = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        z = x.flatten(1) @ self.w + self.b
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+class Quantised(nn.Module):
+    """round(4x)/4 before a network: the input gradient is exactly zero (Athalye et al. 2018)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(4 * x) / 4)
+
+
+class Shattered(nn.Module):
+    """A network plus a small, fast-oscillating term: logits barely change, gradients become noise."""
+
+    def __init__(self, net, d=784, classes=10):
+        super().__init__()
+        self.net = net
+        self.register_buffer("r", torch.randn(d, classes, generator=torch.Generator().manual_seed(1)) / d ** 0.5)
+
+    def forward(self, x):
+        return self.net(x) + 0.1 * torch.sin(1000 * x.flatten(1)) @ self.r
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+@pytest.fixture(scope="module")
+def mnist_test(mnist_root):
+    return load_split(DataSpec("mnist", mnist_root, n_test=64), Split.TEST)
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(mnist_root):
+    """A small MLP trained normally for a few hundred steps (about 95% clean accuracy)."""
+    torch.manual_seed(0)
+    x, y = load_split(DataSpec("mnist", mnist_root, n_train=3000), Split.TRAIN)
+    net = mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes with known answers
+
+def test_linear_model_is_aligned_monotone_and_not_masked():
+    torch.manual_seed(0)
+    d = 64
+    model = BinaryLinear(d)
+    # interior points and a small eps: no clipping, so the loss along the FGSM direction is convex with
+    # a positive slope at 0, hence monotone
+    x = 0.4 + 0.2 * torch.rand(48, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    probes = run_probes(model, x, y, eps=0.05, settings=TINY)
+    s = probes.summary
+    assert s["gradient_alignment"] == pytest.approx(1.0, abs=1e-5)
+    assert s["gradient_sign_agreement"] == pytest.approx(1.0)
+    assert s["fgsm_pgd_perturbation_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert s["fgsm_loss_nonmonotone"] == 0.0
+    assert s["boundary_distortion"] == 0.0
+    assert s["zero_gradient_fraction"] == 0.0
+    # every loss curve along the FGSM direction rises
+    curves = {}
+    for row in probes.tables["fgsm_line"]:
+        curves.setdefault(row["index"], []).append(row["loss"])
+    assert all(all(b >= a - 1e-6 for a, b in zip(c, c[1:])) for c in curves.values())
+    checks = by_name(build_checks(s))
+    assert all(checks[name]["passed"] is not False for name in GRADIENT_CHECKS)
+    assert verdict(list(checks.values()))["masking"] == "no"
+
+
+def test_quantised_model_is_judged_masked(trained_mlp, mnist_test):
+    x, y = mnist_test
+    model = Quantised(trained_mlp)
+    probes = run_probes(model, x, y, eps=0.3, settings=TINY, source_model=trained_mlp)
+    s = probes.summary
+    assert s["clean_accuracy"] > 0.8
+    assert s["zero_gradient_fraction"] == 1.0
+    assert s["gradient_alignment"] == 0.0
+    # the gradient attacks cannot move: PGD is no stronger than doing nothing ...
+    assert s["pgd_accuracy"] > 0.7
+    # ... while PGD on the smooth twin transfers
+    assert s["transfer_beats_whitebox"] > 0.3
+    checks = build_checks(s)
+    failed = {c["name"] for c in checks if c["passed"] is False}
+    assert {"zero_gradient_fraction", "gradient_alignment_fgsm_robust", "transfer_beats_whitebox"} <= failed
+    v = verdict(checks)
+    assert v["masking"] == "yes"
+    assert any("zero_gradient_fraction" in r for r in v["reasons"])
+
+
+def test_shattered_gradients_are_caught_by_the_gradient_checks(trained_mlp, mnist_test):
+    x, y = mnist_test
+    # images squeezed into [0.1, 0.9] and eps 0.1: no clipping, so no coordinate keeps its gradient
+    x = 0.1 + 0.8 * x
+    probes = run_probes(Shattered(trained_mlp), x, y, eps=0.1, settings=TINY)
+    s = probes.summary
+    assert s["zero_gradient_fraction"] == 0.0       # not the zero-gradient mechanism
+    assert s["gradient_alignment"] < 0.1
+    assert abs(s["gradient_sign_agreement"] - 0.5) < 0.05
+    checks = by_name(build_checks(s))
+    assert checks["gradient_alignment_fgsm_robust"]["passed"] is False
+    assert checks["sign_agreement_fgsm_robust"]["passed"] is False
+    assert verdict(list(checks.values()))["masking"] == "yes"
+
+
+def test_normally_trained_mlp_passes_the_gradient_checks(trained_mlp, mnist_test):
+    x, y = mnist_test
+    s = run_probes(trained_mlp, x, y, eps=0.3, settings=TINY).summary
+    checks = by_name(build_checks(s))
+    assert all(checks[name]["passed"] is not False for name in GRADIENT_CHECKS), \
+        [checks[n]["explanation"] for n in GRADIENT_CHECKS]
+    assert s["pgd_accuracy"] <= s["fgsm_accuracy"] < 0.3     # not robust: eps 0.3 breaks it
+    assert s["accuracy_at_large_eps"] == 0.0
+
+
+def test_normally_trained_run_is_not_judged_masked(make_run, tmp_path):
+    run = make_run("standard", **TRAINED)
+    diag = diagnose(DiagnoseConfig(run=str(run), n_test=32, device="cpu", settings=TINY))
+    checks = by_name(diag.audit["checks"])
+    assert all(checks[name]["passed"] is not False for name in GRADIENT_CHECKS), \
+        [checks[n]["explanation"] for n in GRADIENT_CHECKS]
+    assert diag.audit["verdict"]["masking"] == "no", diag.audit["verdict"]
+    validate_audit(json.loads(json.dumps(diag.audit)))
+    # the training log was read: per-epoch curves and the CO check are there
+    assert diag.tables["training_curves"][0]["epoch"] == 1
+    assert checks["catastrophic_overfitting"]["passed"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+
+def test_sign_agreement_counts_only_active_coordinates():
+    g1 = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    g2 = torch.tensor([[2.0, 1.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    out = sign_agreement(g1, g2)
+    assert out[0].item() == pytest.approx(1 / 3)
+    assert math.isnan(out[1].item())
+
+
+def test_line_statistics_monotone_bump_and_distortion():
+    t = torch.linspace(0, 0.6, 7)          # eps 0.3 is t[3]
+    rising = torch.linspace(0.1, 5.0, 7)
+    bump = torch.tensor([0.1, 3.0, 0.5, 0.4, 0.6, 0.8, 1.0])   # peaks near x, then falls: masking
+    loss = torch.stack([rising, bump, bump, rising])
+    correct = torch.tensor([[1, 1, 1, 0, 0, 0, 0],    # rises until misclassified
+                            [1, 1, 1, 1, 1, 1, 1],    # falls while still correct: non-monotone
+                            [1, 1, 0, 0, 0, 0, 0],    # falls only after the boundary: not counted
+                            [1, 0, 1, 1, 1, 1, 1]],   # wrong at t < eps, right at eps: distorted
+                           dtype=torch.bool)
+    drop, nonmono, distorted = line_statistics(loss, correct, t, eps=0.3)
+    assert nonmono.tolist() == [False, True, False, False]
+    assert drop[1].item() == pytest.approx(2.6)
+    assert distorted.tolist() == [False, False, False, True]
+
+
+def test_catastrophic_overfitting_rule():
+    row = lambda e, fgsm, pgd: {"epoch": e, "val_fgsm": fgsm, "val_pgd": pgd}
+    healthy = [row(1, 0.6, 0.4), row(2, 0.7, 0.5), row(3, 0.75, 0.55)]
+    assert catastrophic_overfitting_epoch(healthy) is None
+    co = [row(1, 0.6, 0.4), row(2, 0.7, 0.5), row(3, 0.9, 0.1), row(4, 0.95, 0.0)]
+    assert catastrophic_overfitting_epoch(co) == 3
+    collapse = [row(1, 0.6, 0.5), row(2, 0.1, 0.05)]          # everything fell: divergence, not CO
+    assert catastrophic_overfitting_epoch(collapse) is None
+    slow = [row(1, 0.7, 0.5), row(2, 0.7, 0.4), row(3, 0.72, 0.25)]   # drop from the best, not the last
+    assert catastrophic_overfitting_epoch(slow) == 3
+
+
+def test_verdict_rule():
+    def check(name, value):
+        return make_check(name, value)
+    clean = [check("gradient_alignment_fgsm_robust", 0.9), check("boundary_distortion", 0.0),
+             check("pgd_steps_plateau", 0.0)]
+    assert verdict(clean)["masking"] == "no"
+    one = clean + [check("fgsm_pgd_accuracy_gap", 0.5)]
+    assert verdict(one)["masking"] == "inconclusive"
+    two = one + [check("fgsm_loss_nonmonotone", 0.4)]
+    assert verdict(two)["masking"] == "yes"
+    decisive = clean + [check("accuracy_at_large_eps", 0.3)]
+    assert verdict(decisive)["masking"] == "yes"
+    unconverged = clean + [check("pgd_restarts_plateau", 0.1)]
+    assert verdict(unconverged)["masking"] == "inconclusive"
+    info = clean + [check("fgsm_rfgsm_logit_distance", 1e6)]
+    assert verdict(info)["masking"] == "no"
+    nan = make_check("gradient_alignment_fgsm_robust", float("nan"))
+    assert nan["passed"] is False
+
+
+def test_every_rule_documents_its_source_and_threshold_in_the_module_and_readme():
+    from pathlib import Path
+
+    import gmr.diagnostics as diagnostics
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Gradient-masking diagnostics", 1)[1].split("\n## ", 1)[0]
+    for name, rule in RULES.items():
+        assert rule.source
+        assert name in diagnostics.__doc__ or rule.role == "info"
+        assert name in section, f"README does not document {name}"
+
+
+def test_autoattack_record_flags_and_absence():
+    summary = {k: 0.0 for k in RULES if k != "transfer_beats_whitebox"}
+    summary.update(largest_eps=1.0, gradient_alignment_fgsm_robust=0.9, sign_agreement_fgsm_robust=0.9)
+    record = {"attacks": {"pgd": {"accuracy": 0.9},
+                          "autoattack": {"accuracy": 0.5, "per_attack": {"apgd-ce": 0.6},
+                                         "flags": ["possibly gradient masking: apgd-ce gave 0.6"]}}}
+    checks = by_name(build_checks(summary, eval_record=record))
+    assert checks["autoattack_flags"]["passed"] is False and checks["autoattack_flags"]["value"] == 1
+    assert checks["pgd_autoattack_gap"]["value"] == pytest.approx(0.4)
+    assert verdict(list(checks.values()))["masking"] == "yes"
+    # an evaluation without AutoAttack: no AutoAttack checks, nothing breaks
+    checks = by_name(build_checks(summary, eval_record={"attacks": {"pgd": {"accuracy": 0.9}}}))
+    assert "autoattack_flags" not in checks and "pgd_autoattack_gap" not in checks
+
+
+# --------------------------------------------------------------------------------------------------
+# Files, schema and CLI
+
+def test_cli_diagnose_writes_files_and_a_valid_audit(make_run, tmp_path, capsys):
+    run = make_run("standard", **TRAINED)
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"attacks": {"pgd": {"accuracy": 0.1},
+                                          "autoattack": {"accuracy": 0.05, "per_attack": {"apgd-ce": 0.08},
+                                                         "flags": []}}}))
+    out = tmp_path / "diag"
+    rc = main(["diagnose", "--run", str(run), "--out", str(out), "--n-test", "24", "--quick",
+               "--n-curve", "12", "--eval", str(ev), "--transfer-from", str(run), "--device", "cpu"])
+    assert rc == 0
+    assert "masking:" in capsys.readouterr().out
+    audit = json.loads((out / "audit.json").read_text())
+    validate_audit(audit)
+    for name in ("attack_gap", "per_example", "gradient_alignment", "logit_distance", "fgsm_line",
+                 "loss_surface", "accuracy_vs_eps", "accuracy_vs_steps", "accuracy_vs_restarts", "transfer",
+                 "training_curves", "autoattack", "checks"):
+        assert (out / f"{name}.csv").is_file(), name
+    for stem in ("attacks", "fgsm_line", "loss_surface", "sanity_curves", "gradient_checks", "training_curves"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000
+    assert {"fgsm_line.png", "checks.csv"} <= set(audit["files"])
+    names = {c["name"] for c in audit["checks"]}
+    assert {"autoattack_flags", "pgd_autoattack_gap", "transfer_beats_whitebox"} <= names
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_audit_schema_rejects_bad_audits(make_run):
+    diag = diagnose(DiagnoseConfig(run=str(make_run("standard", **TRAINED)), n_test=16, device="cpu", settings=TINY))
+    audit = json.loads(json.dumps(diag.audit))
+    validate_audit(audit)
+    bad = dict(audit, verdict={"masking": "maybe", "reasons": ["x"]})
+    with pytest.raises(jsonschema.ValidationError):
+        validate_audit(bad)
+    bad = dict(audit, checks=[dict(audit["checks"][0], explanation="two\nlines")])
+    with pytest.raises(jsonschema.ValidationError):
+        validate_audit(bad)
+    bad = {k: v for k, v in audit.items() if k != "verdict"}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_audit(bad)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--run", "{missing}"], "not a finished run directory"),
+    (["--checkpoint", "middle"], "checkpoint must be best or last"),
+    (["--out", "{file}"], "not a folder"),
+    (["--eval", "{missing}/e.json"], "does not exist"),
+    (["--transfer-from", "{missing}"], "--transfer-from"),
+    (["--n-test", "0"], "n_test must be positive"),
+])
+def test_cli_diagnose_bad_input_exits_2_with_one_line(make_run, tmp_path, capsys, extra, message):
+    run = make_run("standard", **TRAINED)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    args = {"--run": str(run), "--out": str(tmp_path / "out")}
+    it = iter(extra)
+    for k in it:
+        args[k] = next(it).format(missing=tmp_path / "missing", file=a_file)
+    argv = ["diagnose"] + [t for kv in args.items() for t in kv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out" / "audit.json").exists()
