@@ -350,6 +350,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_tables(sub) -> None:
+    p = sub.add_parser("tables", help="robustness, reference, cost and masking tables from result files",
+                       description="Write robustness_<dataset>, reference, cost and masking tables as CSV, "
+                       "Markdown, LaTeX and HTML into --out (see gmr/tables.py).")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR", help="run directories (`gmr train`)")
+    p.add_argument("--evals", nargs="*", default=[], metavar="EVAL.json", help="`gmr evaluate` results")
+    p.add_argument("--audits", nargs="*", default=[], metavar="AUDIT.json",
+                   help="`gmr diagnose` audit.json files (or their folders)")
+    p.add_argument("--out", required=True, help="output folder, e.g. results/tables")
+    p.set_defaults(func=_cmd_tables)
+
+
+def _cmd_tables(args) -> int:
+    from .io import ensure_writable_dir
+    from .tables import TableInputError, build_tables, write_tables
+
+    try:
+        out = ensure_writable_dir(args.out)
+        tables = build_tables(args.runs, args.evals, args.audits)
+    except (TableInputError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    written = write_tables(tables, out)
+    print(f"{len(tables)} tables ({', '.join(tables)}) x csv/md/tex/html -> {out} ({len(written)} files)")
+    return 0
+
+
+SUBCOMMANDS.append(_add_tables)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data import DataUnavailableError
     from .registry import UnknownNameError
