@@ -17,6 +17,7 @@ skip the weight gradients, so attack-heavy methods can sit below 1.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     facts = device_facts(device)
     print(f"# {facts['device_name']} ({facts['device']}), torch {facts['torch_version']}, "
           f"{facts['threads']} threads, batch {args.batch_size}, {args.repeats} repeats, "
-          f"{args.warmup} warm-up; CIFAR-shaped net: tiny_cnn width {args.cifar_width}", flush=True)
+          f"{args.warmup} warm-up; CIFAR-shaped net: tiny_cnn width {args.cifar_width}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
+        print("# warning: the machine is oversubscribed; multi-threaded small-batch steps (sat_r1's "
+              "one-sample I-FGSM) slow down far more than large ones: try --threads 1", flush=True)
 
     header = f"{'setting':<28} {'method':<10} {'step ms':>9} {'img/s':>8} {'fwd':>6} {'bwd':>6} " \
              f"{'passes':>7} {'efficiency':>10}"
