@@ -125,48 +125,148 @@ def _cmd_train(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="attack a trained run on the test set")
+    p = sub.add_parser("evaluate", help="attack a trained run on the test set",
+                       description="White-box attacks, AutoAttack, transfer attacks and eps sweeps on the first "
+                       "n test points; writes one JSON record (gmr/schemas/eval.schema.json) and an .npz of "
+                       "per-example correctness beside it.")
     p.add_argument("--run", required=True, help="run directory written by `gmr train`")
     p.add_argument("--attacks", default="clean,fgsm,pgd", type=_csv_list,
-                   help="comma-separated attacks (see `gmr attacks`)")
-    p.add_argument("--n-test", type=int, default=1000, help="first n test points (default 1000)")
+                   help="comma-separated attacks (see `gmr attacks`), e.g. clean,fgsm,rfgsm,ifgsm,pgd,pgd_cw,autoattack")
+    p.add_argument("--n-test", default="1000", help="first n test points in order (default 1000; all: whole set)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    p.add_argument("--eps", type=float, help="default: the run's training eps")
+    p.add_argument("--eps", type=float, help="budget (default: the run's training eps)")
+    p.add_argument("--eps-list", type=_csv_list, metavar="E1,E2,...",
+                   help="also run every attack at these budgets (result key eps_sweep)")
+    p.add_argument("--attack-param", "--param", dest="attack_param", action="append", metavar="ATTACK.KEY=VALUE",
+                   help="override an attack default, e.g. pgd.steps=200 (repeatable)")
+    p.add_argument("--restarts", type=int, help="restarts of pgd and pgd_cw (default 1)")
+    p.add_argument("--transfer-from", metavar="SOURCE_RUN",
+                   help="craft transfer attacks on this run's model (result key transfer)")
+    p.add_argument("--transfer-checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--transfer-attacks", default="fgsm,rfgsm,pgd", type=_csv_list)
+    p.add_argument("--aa-version", default="standard", help="AutoAttack version: standard (default), plus, custom")
+    p.add_argument("--aa-norm", default="Linf", help="AutoAttack norm: Linf (default) or L2 (needs --eps)")
+    p.add_argument("--aa-attacks", type=_csv_list, help="AutoAttack custom cascade, e.g. apgd-ce,square")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root")
-    p.add_argument("--out", required=True, help="result JSON file")
+    p.add_argument("--card", metavar="CARD.json", help="also write a RobustBench model card (needs autoattack)")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--out", required=True, help="result JSON file (.npz and AutoAttack state files beside it)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("card", help="RobustBench model card from an evaluation with AutoAttack",
+                       description="Write a RobustBench model card (gmr/schemas/card.schema.json) from a "
+                       "`gmr evaluate` result and its run's run.json.")
+    p.add_argument("--eval", dest="eval_json", required=True, metavar="EVAL.json", help="`gmr evaluate` result")
+    p.add_argument("--run", help="run directory (default: the one named in the result)")
+    p.add_argument("--name", help="card name (default: method, architecture, seed, checkpoint)")
+    p.add_argument("--out", required=True, help="card JSON file")
+    p.set_defaults(func=_cmd_card)
+
+
+def _attack_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        attack, dot, name = key.strip().partition(".")
+        if not sep or not dot or not attack or not name:
+            raise UsageError(f"--attack-param needs ATTACK.KEY=VALUE (e.g. pgd.steps=200), got {item!r}")
+        try:
+            out.setdefault(attack, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"--attack-param {item!r}: cannot read the value {value!r}") from None
+    return out
+
+
+def _eval_config(args):
+    from .evaluate import EvalConfig
+
+    n_test = args.n_test.strip().lower()
+    try:
+        n = None if n_test in ("all", "0", "-1") else int(n_test)
+    except ValueError:
+        raise UsageError(f"--n-test must be a positive integer or all, got {args.n_test!r}") from None
+    try:
+        eps_list = [float(e) for e in args.eps_list or []]
+    except ValueError:
+        raise UsageError(f"--eps-list must be comma-separated numbers, got {','.join(args.eps_list)!r}") from None
+    out = Path(args.out)
+    return EvalConfig(run=args.run, attacks=args.attacks, n_test=n, checkpoint=args.checkpoint, eps=args.eps,
+                      eps_list=eps_list, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                      data_root=args.data_root, attack_params=_attack_params(args.attack_param),
+                      restarts=args.restarts, transfer_from=args.transfer_from,
+                      transfer_checkpoint=args.transfer_checkpoint, transfer_attacks=args.transfer_attacks,
+                      aa_version=args.aa_version, aa_norm=args.aa_norm, aa_attacks=args.aa_attacks,
+                      state_prefix=str(out.with_name(out.stem)))
 
 
 def _cmd_evaluate(args) -> int:
     import numpy as np
 
-    from .evaluate import EvalConfig, evaluate
+    from . import autoattack_adapter
+    from .evaluate import evaluate
     from .io import atomic_path, ensure_writable_file, write_json
 
-    cfg = EvalConfig(run=args.run, attacks=args.attacks, n_test=args.n_test, checkpoint=args.checkpoint,
-                     eps=args.eps, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                     data_root=args.data_root)
+    cfg = _eval_config(args)
     try:
-        cfg.validate()
+        meta = cfg.validate()
         out = ensure_writable_file(args.out)
-        from .evaluate import load_run_model
-        from .cost import pick_device
-        load_run_model(args.run, args.checkpoint, pick_device("cpu"))  # a corrupt checkpoint fails here
+        card_path = ensure_writable_file(args.card) if args.card else None
+        if args.card and "autoattack" not in cfg.attacks:
+            raise ValueError("--card needs autoattack in --attacks (a RobustBench card reports AutoAttack accuracy)")
     except ValueError as err:
-        raise UsageError(str(err)) from None
-    record, correct = evaluate(cfg)
+        raise UsageError(" ".join(str(err).split())) from None  # one line, whatever the cause says
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UsageError(f"--threads must be positive, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    say = None if args.quiet else (lambda text: print(f"  {text}", flush=True))
+    record, correct = evaluate(cfg, progress=say)
     npz = out.with_suffix(".npz")
     with atomic_path(npz) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **correct)
     record["per_example_file"] = npz.name
+    if card_path is not None:
+        from .cards import make_card
+
+        record["card_file"] = str(card_path)
+        write_json(card_path, make_card(record, meta))
     write_json(out, record)
+    for state in cfg.state_paths(record["eps"]):  # finished: nothing left to resume
+        autoattack_adapter.remove_state(state)
     summary = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in record["attacks"].items())
-    print(f"{args.run} ({args.checkpoint}, n={record['n_examples']}): {summary}; "
-          f"worst case {record['worst_case']['accuracy']:.3f} -> {out}")
+    if record["transfer"]:
+        summary += "; transfer " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in record["transfer"].items())
+    flags = record["attacks"].get("autoattack", {}).get("flags", [])
+    print(f"{args.run} ({args.checkpoint}, n={record['n_examples']}, eps {record['eps']:g}): {summary}; "
+          f"worst case {record['worst_case']['accuracy']:.3f}"
+          + (f"; AutoAttack flags: {len(flags)}" if flags else "") + f" -> {out}")
+    return 0
+
+
+def _cmd_card(args) -> int:
+    from .cards import CardError, card_from_files
+    from .io import ensure_writable_file, write_json
+
+    try:
+        if not Path(args.eval_json).is_file():
+            raise ValueError(f"--eval {args.eval_json}: no such file")
+        if args.run is not None and not (Path(args.run) / "run.json").is_file():
+            raise ValueError(f"--run {args.run} is not a finished run directory (no run.json)")
+        out = ensure_writable_file(args.out)
+        card = card_from_files(args.eval_json, args.run, args.name)
+    except CardError as err:
+        raise UsageError(f"{args.eval_json}: {err}") from None
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"{args.eval_json} is not a `gmr evaluate` result: {err}") from None
+    write_json(out, card)
+    print(f"{card['name']}: clean {card['clean_acc']}%, AutoAttack {card['autoattack_acc']}% -> {out}")
     return 0
 
 
@@ -229,6 +329,7 @@ def _cmd_attacks(args) -> int:
     print("clean          no attack")
     for entry in ATTACKS:
         print(f"{entry.name:<14} {entry.meta['description']}")
+    print("autoattack     AutoAttack via pyautoattack (--aa-version standard|plus|custom, --aa-norm Linf|L2)")
     return 0
 
 
