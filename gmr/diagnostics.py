@@ -20,7 +20,7 @@ Checks, thresholds and sources (a check *fails* when its value is on the bad sid
 | transfer_beats_whitebox | acc(white-box PGD) - acc(PGD transferred from --transfer-from) > 0.02 | decisive | Athalye et al. 2018; Carlini et al. 2019 (black-box stronger than white-box is a red flag) |
 | autoattack_flags | AutoAttack raised any flag (from --eval) | decisive | Croce & Hein 2020 (AutoAttack's checks, flags_doc.md) |
 | pgd_autoattack_gap | acc(PGD) - acc(AutoAttack) in the evaluation JSON > 0.1 | evidence | Croce & Hein 2020 (drops of > 10 points expose a broken evaluation) |
-| catastrophic_overfitting | val PGD accuracy fell > 0.2 below its earlier best while val FGSM stayed within 0.1 of its value there, at or before the audited checkpoint | evidence | Wong, Rice & Kolter 2020 (early stopping when PGD accuracy drops by 0.2) |
+| catastrophic_overfitting | val PGD accuracy fell below its earlier best by more than min(0.2, half that best) while val FGSM stayed within 0.1 of its value there, at or before the audited checkpoint | evidence | Wong, Rice & Kolter 2020 (early stopping when PGD accuracy drops by 0.2); Kim et al. 2021 (PGD accuracy falls to 0 while FGSM accuracy rises) |
 | pgd_steps_plateau | acc(PGD, most steps) < acc(PGD, previous step count) - 0.02 | reliability | Carlini et al. 2019 (accuracy vs iterations must plateau) |
 | pgd_restarts_plateau | acc(R restarts) < acc(R/2 restarts) - 0.02 | reliability | Carlini et al. 2019; Mosbach et al. 2018 (restarts) |
 | gradient_alignment, gradient_sign_agreement (all points), fgsm_rfgsm_logit_distance, fgsm_pgd_loss_ratio, fgsm_pgd_perturbation_cosine, clean/FGSM/PGD accuracy | never (measurements) | info | Andriushchenko & Flammarion 2020 (alignment, FGSM-PGD cosine); Vivek et al. 2019 (the GMR penalty) |
@@ -129,7 +129,8 @@ RULES: dict[str, Rule] = {
     "pgd_autoattack_gap": Rule(0.1, True, "evidence", "Croce & Hein 2020 (ICML)",
                                "PGD accuracy minus AutoAttack accuracy"),
     "catastrophic_overfitting": Rule(
-        0, True, "evidence", "Wong, Rice & Kolter 2020 (ICLR; early stop at a 0.2 PGD accuracy drop)",
+        0, True, "evidence", "Wong, Rice & Kolter 2020 (ICLR; early stop at a 0.2 PGD accuracy drop); "
+        "Kim, Lee & Lee 2021 (AAAI)",
         "epoch of catastrophic overfitting at or before the audited checkpoint (0: none)"),
     "pgd_steps_plateau": Rule(
         0.02, True, "reliability", "Carlini et al. 2019 (accuracy vs iterations must plateau)",
@@ -540,16 +541,21 @@ def read_train_log(path: str | Path) -> list[dict[str, float]]:
 
 def catastrophic_overfitting_epoch(rows: Sequence[dict], pgd_drop: float = CO_PGD_DROP,
                                    fgsm_slack: float = CO_FGSM_SLACK) -> int | None:
-    """First epoch whose val PGD accuracy is more than `pgd_drop` below the best of the earlier epochs
-    while val FGSM accuracy stays within `fgsm_slack` of its value at that best epoch (Wong et al.
-    2020 stop training when PGD accuracy falls by 0.2; the FGSM condition separates catastrophic
-    overfitting from a collapse of everything, e.g. divergence). None when there is none."""
+    """First epoch whose val PGD accuracy is below the best of the earlier epochs by more than
+    min(`pgd_drop`, half that best) while val FGSM accuracy stays within `fgsm_slack` of its value at
+    that best epoch; None when there is none.
+
+    Wong et al. 2020 stop training when PGD accuracy falls by 0.2. A model whose PGD accuracy is below
+    0.4 cannot lose 0.2 without losing most of it, so there losing half counts too (Kim et al. 2021
+    describe catastrophic overfitting as PGD accuracy falling to 0 while FGSM accuracy rises). The FGSM
+    condition separates it from a collapse of everything (e.g. divergence)."""
     best_pgd, best_fgsm = -math.inf, None
     for row in rows:
         pgd, fgsm = row.get("val_pgd"), row.get("val_fgsm")
         if pgd is None or fgsm is None or math.isnan(pgd):
             continue
-        if best_fgsm is not None and pgd < best_pgd - pgd_drop and fgsm >= best_fgsm - fgsm_slack:
+        if (best_fgsm is not None and pgd < best_pgd - min(pgd_drop, best_pgd / 2)
+                and fgsm >= best_fgsm - fgsm_slack):
             return int(row["epoch"])
         if pgd > best_pgd:
             best_pgd, best_fgsm = pgd, fgsm

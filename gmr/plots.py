@@ -89,6 +89,24 @@ def read_csv(path: str | Path) -> list[dict[str, float | str]]:
     return out
 
 
+def _log_x(ax, ticks: Sequence[float] | None = None) -> None:
+    """Log x axis with plain numbers (1, 10, 100 or the given ticks) instead of 10^k labels."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    if ticks is not None:
+        ax.set_xticks(list(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _epoch_ticks(ax, epochs: Sequence[float]) -> None:
+    epochs = sorted(set(int(e) for e in epochs))
+    if epochs and len(epochs) <= 25:
+        ax.set_xticks(epochs)
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+
+
 def _col(rows, key) -> np.ndarray:
     return np.array([r[key] for r in rows], dtype=float)
 
@@ -225,7 +243,7 @@ def _fig_sanity(d: Path, audit: dict) -> list[Path]:
     a1.legend()
     rows = read_csv(d / "accuracy_vs_steps.csv")
     a2.plot(_col(rows, "steps"), _col(rows, "accuracy"), "o-", color=color)
-    a2.set_xscale("log")
+    _log_x(a2, _col(rows, "steps"))
     a2.set_xlabel("PGD steps (log scale; step size max(default, 2.5 eps / steps))")
     a2.set_ylabel("accuracy (fraction)")
     a2.set_title(f"accuracy vs PGD steps at eps = {audit['eps']:.3g}")
@@ -266,14 +284,15 @@ def _fig_gradient_checks(d: Path, audit: dict) -> list[Path]:
     return save_figure(fig, d, "gradient_checks")
 
 
-def _training_axes(axes, rows, color, label, co_epoch):
+def _training_axes(axes, rows, color, label, co_epoch, marker="o"):
     ep = _col(rows, "epoch")
     (a1, a2, a3, a4) = axes
-    a1.plot(ep, _col(rows, "val_clean"), "o-", color=color, label=label)
-    a2.plot(ep, _col(rows, "val_fgsm"), "s--", color=color, alpha=0.7, label=f"{label}: FGSM")
-    a2.plot(ep, _col(rows, "val_pgd"), "o-", color=color, label=f"{label}: PGD")
-    a3.plot(ep, _col(rows, "val_logit_dist"), "o-", color=color, label=label)
-    a4.plot(ep, _col(rows, "val_grad_align"), "o-", color=color, label=label)
+    a1.plot(ep, _col(rows, "val_clean"), marker=marker, ls="-", color=color, label=label)
+    a2.plot(ep, _col(rows, "val_fgsm"), marker=marker, ls="--", color=color, alpha=0.6, mfc="none",
+            label=f"{label}: FGSM")
+    a2.plot(ep, _col(rows, "val_pgd"), marker=marker, ls="-", color=color, label=f"{label}: PGD")
+    a3.plot(ep, _col(rows, "val_logit_dist"), marker=marker, ls="-", color=color, label=label)
+    a4.plot(ep, _col(rows, "val_grad_align"), marker=marker, ls="-", color=color, label=label)
     if co_epoch:
         for ax in axes:
             ax.axvline(co_epoch, color=color, ls=":", lw=1.2)
@@ -289,7 +308,7 @@ def _finish_training_axes(axes):
         ax.set_title(t)
         ax.set_xlabel("epoch")
         ax.set_ylabel(yl)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _epoch_ticks(ax, [x for line in ax.get_lines() for x in line.get_xdata()])
         ax.legend(fontsize=7)
     axes[2].set_yscale("log")
     for ax in (axes[0], axes[1]):
@@ -315,19 +334,40 @@ def _fig_training(d: Path, audit: dict) -> list[Path]:
 # --------------------------------------------------------------------------------------------------
 # Comparisons across runs (`gmr plots`)
 
-def _labels(items: Sequence[tuple[str, str, object]]) -> list[str]:
-    """Display names for (method, path, seed) items: the method name, made unique when needed."""
+MARKERS = ("o", "s", "^", "D", "v", "P")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _labels(items: Sequence[tuple[str, str, str | None]]) -> list[str]:
+    """Unique display names for (method, run path, checkpoint) items: the method's name, plus what
+    tells items of the same method apart (the first differing folder of their paths, the checkpoint)."""
     base = [method_label(m) for m, _, _ in items]
     out = []
-    for (m, p, seed), b in zip(items, base):
-        label = b
-        if base.count(b) > 1:
-            label = f"{b} (seed {seed})" if seed is not None else b
-            same = [(m2, p2, s2) for (m2, p2, s2) in items if method_label(m2) == b and s2 == seed]
-            if len(same) > 1:
-                label = f"{b} ({Path(p).parent.name}/{Path(p).name})"
-        out.append(label)
+    for i, (m, p, ckpt) in enumerate(items):
+        group = [j for j, b in enumerate(base) if b == base[i]]
+        parts = []
+        if len(group) > 1:
+            paths = [Path(items[j][1]).resolve().parts for j in group]
+            if len({q for q in paths}) > 1:
+                mine = Path(p).resolve().parts
+                depth = min(len(q) for q in paths)
+                for k in range(depth):
+                    if len({q[k] for q in paths}) > 1:
+                        parts.append(mine[k])
+                        break
+            if len({items[j][2] for j in group}) > 1 and ckpt:
+                parts.append(ckpt)
+        out.append(base[i] + (f" ({', '.join(parts)})" if parts else ""))
     return out
+
+
+def _styles(items: list[dict]) -> None:
+    """One marker and line style per item among the items of its method (colour = method)."""
+    seen: dict[str, int] = {}
+    for it in items:
+        k = seen.get(it["method"], 0)
+        seen[it["method"]] = k + 1
+        it["marker"], it["ls"] = MARKERS[k % len(MARKERS)], LINESTYLES[k % len(LINESTYLES)]
 
 
 def _load_runs(runs: Iterable[str | Path]) -> list[dict]:
@@ -337,8 +377,9 @@ def _load_runs(runs: Iterable[str | Path]) -> list[dict]:
         out.append({"path": str(r), "meta": meta, "method": meta["config"]["method"],
                     "seed": meta["config"].get("seed")})
     out.sort(key=lambda x: _order_key(x["method"], x["path"]))
-    for item, label in zip(out, _labels([(x["method"], x["path"], x["seed"]) for x in out])):
+    for item, label in zip(out, _labels([(x["method"], x["path"], None) for x in out])):
         item["label"] = label
+    _styles(out)
     return out
 
 
@@ -347,9 +388,11 @@ def _load_diagnostics(dirs: Iterable[str | Path]) -> list[dict]:
     for d in dirs:
         audit = read_json(Path(d) / "audit.json")
         out.append({"path": str(d), "audit": audit, "method": audit["method"], "seed": audit.get("train_seed")})
-    out.sort(key=lambda x: _order_key(x["method"], x["audit"]["run"]))
-    for item, label in zip(out, _labels([(x["method"], x["audit"]["run"], x["seed"]) for x in out])):
+    out.sort(key=lambda x: _order_key(x["method"], x["audit"]["run"] + x["audit"]["checkpoint"]))
+    for item, label in zip(out, _labels([(x["method"], x["audit"]["run"], x["audit"]["checkpoint"])
+                                         for x in out])):
         item["label"] = label
+    _styles(out)
     return out
 
 
@@ -386,7 +429,8 @@ def _cmp_training(items, out) -> list[Path]:
     for it in items:
         rows = read_train_log(Path(it["path"]) / "train_log.csv")
         if rows:
-            _training_axes(axes, rows, method_color(it["method"]), it["label"], catastrophic_overfitting_epoch(rows))
+            _training_axes(axes, rows, method_color(it["method"]), it["label"], catastrophic_overfitting_epoch(rows),
+                           it["marker"])
     _finish_training_axes(axes)
     eps = items[0]["meta"].get("eps")
     ds = items[0]["meta"]["config"]["dataset"]
@@ -446,14 +490,15 @@ def _cmp_cost(items, diag_items, eval_records, out) -> list[Path]:
                             (axes[1], "passes", "training cost (forward + backward passes / 2, counted)")):
         pts = [(it["meta"]["cost"][key], y, it) for it, y in zip(items, ys) if y is not None]
         for x, y, it in pts:
-            ax.scatter(x, y, color=method_color(it["method"]), s=45, zorder=3, label=it["label"])
+            ax.scatter(x, y, color=method_color(it["method"]), marker=it["marker"], s=45, zorder=3,
+                       label=it["label"])
             ax.annotate(it["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if pts:
             front = pareto_front([p[0] for p in pts], [p[1] for p in pts])
             fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
             ax.step(fx, fy, where="post", color="k", lw=1, ls="--", zorder=2, label="Pareto front")
             ax.scatter(fx, fy, facecolors="none", edgecolors="k", s=120, zorder=4)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel(xlabel + " (log)")
         ax.set_ylabel(ylabel)
         ax.set_ylim(-0.02, 1.02)
@@ -491,10 +536,10 @@ def _cmp_line(items, out) -> list[Path]:
         L, C = np.maximum(loss.reshape(n, len(ts)), LOSS_FLOOR), ok.reshape(n, len(ts))
         s = it["audit"]["summary"]
         c = method_color(it["method"])
-        a1.plot(ts, np.median(L, 0), color=c, lw=2,
+        a1.plot(ts, np.median(L, 0), color=c, lw=2, ls=it["ls"],
                 label=f"{it['label']} (non-monotone {s['fgsm_loss_nonmonotone']:.0%})")
         a1.fill_between(ts, np.percentile(L, 25, 0), np.percentile(L, 75, 0), color=c, alpha=0.15)
-        a2.plot(ts, C.mean(0), color=c, lw=2, label=f"{it['label']} (distorted {s['boundary_distortion']:.0%})")
+        a2.plot(ts, C.mean(0), color=c, lw=2, ls=it["ls"], label=f"{it['label']} (distorted {s['boundary_distortion']:.0%})")
     eps = items[0]["audit"]["eps"]
     for ax in (a1, a2):
         ax.axvline(eps, color="k", ls="--", lw=1)
@@ -514,8 +559,8 @@ def _cmp_eps(items, out) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for it in items:
         rows = read_csv(Path(it["path"]) / "accuracy_vs_eps.csv")
-        ax.plot(_col(rows, "eps"), _col(rows, "accuracy"), "o-", color=method_color(it["method"]),
-                label=it["label"])
+        ax.plot(_col(rows, "eps"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"],
+                color=method_color(it["method"]), label=it["label"])
     eps = items[0]["audit"]["eps"]
     ax.axvline(eps, color="k", ls="--", lw=1, label=f"training eps {eps:.3g}")
     ax.set_xlabel("Linf budget eps (pixel units in [0, 1])")
@@ -531,11 +576,14 @@ def _cmp_steps(items, out) -> list[Path]:
     for it in items:
         c = method_color(it["method"])
         rows = read_csv(Path(it["path"]) / "accuracy_vs_steps.csv")
-        a1.plot(_col(rows, "steps"), _col(rows, "accuracy"), "o-", color=c, label=it["label"])
+        a1.plot(_col(rows, "steps"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"], color=c,
+                label=it["label"])
         rows = read_csv(Path(it["path"]) / "accuracy_vs_restarts.csv")
-        a2.plot(_col(rows, "restarts"), _col(rows, "accuracy"), "o-", color=c, label=it["label"])
+        a2.plot(_col(rows, "restarts"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"], color=c,
+                label=it["label"])
     eps = items[0]["audit"]["eps"]
-    a1.set_xscale("log")
+    _log_x(a1, sorted({int(r["steps"]) for it in items
+                       for r in read_csv(Path(it["path"]) / "accuracy_vs_steps.csv")}))
     a1.set_xlabel("PGD steps (log scale)")
     a1.set_title(f"accuracy vs PGD steps (eps = {eps:.3g}; must plateau)")
     a2.set_xlabel("random restarts")
