@@ -16,6 +16,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
+from snakemake.logging import logger
+
 R = config["results"].rstrip("/")
 
 wildcard_constraints:
