@@ -229,6 +229,13 @@ class DiagnoseConfig:
                 raise ValueError(f"evaluation file {path} is not valid JSON: {err}") from None
             if not isinstance(record, dict) or not isinstance(record.get("attacks"), dict):
                 raise ValueError(f"{path} is not a `gmr evaluate` result (no 'attacks' mapping)")
+            if record.get("run") and Path(record["run"]).resolve() != Path(self.run).resolve():
+                raise ValueError(f"{path} evaluates {record['run']}, not --run {self.run}")
+            sel = meta.get("selection", {})
+            same_weights = sel.get("best_epoch") is not None and sel.get("best_epoch") == sel.get("last_epoch")
+            if record.get("checkpoint", self.checkpoint) != self.checkpoint and not same_weights:
+                raise ValueError(f"{path} evaluates the {record['checkpoint']} checkpoint, not --checkpoint "
+                                 f"{self.checkpoint}")
         pick_device(self.device)
         return meta
 

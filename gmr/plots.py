@@ -91,11 +91,13 @@ def read_csv(path: str | Path) -> list[dict[str, float | str]]:
 
 def _log_x(ax, ticks: Sequence[float] | None = None) -> None:
     """Log x axis with plain numbers (1, 10, 100 or the given ticks) instead of 10^k labels."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
     if ticks is not None:
         ax.set_xticks(list(ticks))
+    else:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
@@ -206,8 +208,15 @@ def _surface_grid(rows, image):
 
 
 def _draw_surface(ax, g1, g2, Z, color, title):
+    from matplotlib.colors import LinearSegmentedColormap
+
     A, B = np.meshgrid(g1, g2, indexing="ij")
-    ax.plot_surface(A, B, Z, color=color, alpha=0.8, linewidth=0.2, edgecolor="k", antialiased=True)
+    # the method's colour, light where the loss is low and full where it is high
+    cmap = LinearSegmentedColormap.from_list("method", ["#f4f4f4", color])
+    span = float(Z.max() - Z.min()) or 1.0
+    faces = cmap(0.15 + 0.85 * (Z - Z.min()) / span)
+    ax.plot_surface(A, B, Z, facecolors=faces, shade=False, linewidth=0.25, edgecolor="#555555",
+                    antialiased=True)
     ax.set_xlabel("eps1: gradient sign", fontsize=7, labelpad=-2)
     ax.set_ylabel("eps2: random sign", fontsize=7, labelpad=-2)
     ax.set_zlabel("CE loss (nats)", fontsize=7, labelpad=-2)
@@ -452,24 +461,27 @@ def _diag_for(run_path: str, items: Sequence[dict]) -> dict | None:
     return matches[0] if matches else None
 
 
-def robustness_source(items, diag_items, eval_records) -> tuple[str, list[float | None]]:
+def robustness_source(items, diag_items, eval_records) -> tuple[str, list[float | None], list[str]]:
     """The best robust-accuracy source available for every run: AutoAttack or PGD from evaluation JSONs,
-    else PGD of the diagnose audits, else the selected epoch's validation PGD from run.json."""
+    else PGD of the diagnose audits, else the selected epoch's validation PGD from run.json. Returns the
+    axis label, one value per run and the checkpoint each value is of."""
     evals = [_eval_for(it["path"], eval_records) for it in items]
+    eval_ckpts = [(e or {}).get("checkpoint", "best") for e in evals]
     aa = [((e or {}).get("attacks", {}).get("autoattack") or {}).get("accuracy") for e in evals]
     if all(a is not None for a in aa):
         n = evals[0].get("n_examples")
-        return f"AutoAttack accuracy (test, n = {n})", aa
+        return f"AutoAttack accuracy (test, n = {n})", aa, eval_ckpts
     pgd = [((e or {}).get("attacks", {}).get("pgd") or {}).get("accuracy") for e in evals]
     if all(p is not None for p in pgd):
         n = evals[0].get("n_examples")
-        return f"PGD accuracy (test, n = {n})", pgd
+        return f"PGD accuracy (test, n = {n})", pgd, eval_ckpts
     diags = [_diag_for(it["path"], diag_items) for it in items]
     if all(d is not None for d in diags):
         return (f"PGD accuracy (test, n = {diags[0]['audit']['n_examples']}, from gmr diagnose)",
-                [d["audit"]["summary"]["pgd_accuracy"] for d in diags])
+                [d["audit"]["summary"]["pgd_accuracy"] for d in diags],
+                [d["audit"]["checkpoint"] for d in diags])
     return ("PGD accuracy (validation, selected epoch, from run.json)",
-            [it["meta"]["metrics"]["best"].get("val_pgd") for it in items])
+            [it["meta"]["metrics"]["best"].get("val_pgd") for it in items], ["best"] * len(items))
 
 
 def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
@@ -484,15 +496,15 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
 
 
 def _cmp_cost(items, diag_items, eval_records, out) -> list[Path]:
-    ylabel, ys = robustness_source(items, diag_items, eval_records)
+    ylabel, ys, ckpts = robustness_source(items, diag_items, eval_records)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, xlabel in ((axes[0], "train_seconds", "training time (seconds, without validation probes)"),
                             (axes[1], "passes", "training cost (forward + backward passes / 2, counted)")):
-        pts = [(it["meta"]["cost"][key], y, it) for it, y in zip(items, ys) if y is not None]
-        for x, y, it in pts:
-            ax.scatter(x, y, color=method_color(it["method"]), marker=it["marker"], s=45, zorder=3,
-                       label=it["label"])
-            ax.annotate(it["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        pts = [(it["meta"]["cost"][key], y, it, c) for it, y, c in zip(items, ys, ckpts) if y is not None]
+        for x, y, it, ckpt in pts:
+            name = it["label"] + ("" if ckpt == "best" else f" [{ckpt} model]")
+            ax.scatter(x, y, color=method_color(it["method"]), marker=it["marker"], s=45, zorder=3, label=name)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if pts:
             front = pareto_front([p[0] for p in pts], [p[1] for p in pts])
             fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
@@ -500,11 +512,11 @@ def _cmp_cost(items, diag_items, eval_records, out) -> list[Path]:
             ax.scatter(fx, fy, facecolors="none", edgecolors="k", s=120, zorder=4)
         _log_x(ax)
         ax.set_xlabel(xlabel + " (log)")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel("robust accuracy (fraction)")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle("robust accuracy vs training cost (circled: Pareto front)")
-    fig.tight_layout()
+    fig.suptitle(f"robust accuracy vs training cost (circled: Pareto front)\ny: {ylabel}")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return save_figure(fig, out, "robust_accuracy_vs_cost")
 
 
@@ -519,7 +531,7 @@ def _cmp_surfaces(items, out) -> list[Path]:
             g1, g2, Z, label = _surface_grid(rows, image)
             ax = fig.add_subplot(len(common), len(items), row * len(items) + col + 1, projection="3d")
             _draw_surface(ax, g1, g2, Z, method_color(it["method"]),
-                          f"{it['label']}: test image {image} (label {label})")
+                          f"{it['label']}\ntest image {image} (label {label})")
     eps = items[0]["audit"]["eps"]
     fig.suptitle("loss surfaces at x + eps1 sign(grad x) + eps2 sign(random), eps1, eps2 in "
                  f"[0, {eps:.3g}] (Tramer et al. 2018)")

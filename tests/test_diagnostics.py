@@ -325,15 +325,18 @@ def test_audit_schema_rejects_bad_audits(make_run):
     (["--eval", "{missing}/e.json"], "does not exist"),
     (["--transfer-from", "{missing}"], "--transfer-from"),
     (["--n-test", "0"], "n_test must be positive"),
+    (["--eval", "{other_eval}"], "not --run"),
 ])
 def test_cli_diagnose_bad_input_exits_2_with_one_line(make_run, tmp_path, capsys, extra, message):
     run = make_run("standard", **TRAINED)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    other_eval = tmp_path / "other.json"
+    other_eval.write_text(json.dumps({"run": str(tmp_path / "another-run"), "attacks": {}}))
     args = {"--run": str(run), "--out": str(tmp_path / "out")}
     it = iter(extra)
     for k in it:
-        args[k] = next(it).format(missing=tmp_path / "missing", file=a_file)
+        args[k] = next(it).format(missing=tmp_path / "missing", file=a_file, other_eval=other_eval)
     argv = ["diagnose"] + [t for kv in args.items() for t in kv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -70,14 +70,14 @@ def test_robust_accuracy_source_prefers_autoattack_then_pgd(diagnosed):
     diags = plots._load_diagnostics([d1, d2])
     pgd_only = [{"run": str(r), "n_examples": 10, "attacks": {"pgd": {"accuracy": a}}}
                 for r, a in ((r1, 0.1), (r2, 0.2))]
-    label, ys = plots.robustness_source(runs, diags, pgd_only)
+    label, ys, _ = plots.robustness_source(runs, diags, pgd_only)
     assert label.startswith("PGD accuracy (test") and ys == [0.1, 0.2]
     with_aa = [dict(e, attacks={**e["attacks"], "autoattack": {"accuracy": 0.05}}) for e in pgd_only]
-    label, ys = plots.robustness_source(runs, diags, with_aa)
+    label, ys, _ = plots.robustness_source(runs, diags, with_aa)
     assert label.startswith("AutoAttack") and ys == [0.05, 0.05]
-    label, ys = plots.robustness_source(runs, diags, [])
-    assert "gmr diagnose" in label and len(ys) == 2
-    label, _ = plots.robustness_source(runs, [], [])
+    label, ys, ckpts = plots.robustness_source(runs, diags, [])
+    assert "gmr diagnose" in label and len(ys) == 2 and ckpts == ["best", "best"]
+    label, _, _ = plots.robustness_source(runs, [], [])
     assert "validation" in label
 
 
