@@ -48,7 +48,9 @@ def test_schemas_are_valid_json_schemas():
 def test_attack_outputs_stay_in_the_eps_ball_and_in_0_1(target, name):
     model, meta = load_run_model(target, "best", torch.device("cpu"))
     x, y = load_split(DataSpec("mnist", Path(meta["config"]["data_root"]), n_test=16), Split.TEST)
-    params = resolve_params(name, "mnist", {name: {"steps": 3}} if "steps" in attacks.attack_defaults(name, "mnist") else {})
+    defaults = attacks.attack_defaults(name, "mnist")
+    short = {k: v for k, v in (("steps", 3), ("restarts", 2)) if k in defaults}
+    params = resolve_params(name, "mnist", {name: short})
     gen = torch.Generator().manual_seed(0)
     for eps in (0.0, 0.1, 0.3):
         p = resolve_params(name, "mnist", {name: params}, eps=eps)
@@ -62,7 +64,7 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
     source = make_run("fgsm")
     out = tmp_path / "eval" / "standard.json"
     card = tmp_path / "cards" / "standard.json"
-    argv = ["evaluate", "--run", str(target), "--n-test", "24", "--device", "cpu", "--batch-size", "16",
+    argv = ["evaluate", "--run", str(target), "--n-test", "16", "--device", "cpu", "--batch-size", "16",
             "--attacks", "clean,fgsm,rfgsm,ifgsm,pgd,pgd_cw,pgd_50_10,autoattack",
             "--attack-param", "ifgsm.steps=3", "--attack-param", "pgd.steps=3", "--param", "pgd_cw.steps=3",
             "--attack-param", "pgd_50_10.steps=2", "--attack-param", "pgd.step_size=0.05", "--restarts", "2",
@@ -76,13 +78,13 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
     # the stable keys and the provenance of every number
     for key in ("method", "dataset", "model", "checkpoint", "train_seed", "n_examples", "eps", "run"):
         assert key in record
-    assert (record["method"], record["dataset"], record["checkpoint"], record["n_examples"]) == ("standard", "mnist", "best", 24)
+    assert (record["method"], record["dataset"], record["checkpoint"], record["n_examples"]) == ("standard", "mnist", "best", 16)
     assert record["eps"] == 0.3 and record["seed"] == 3
     assert set(record["versions"]) >= {"torch", "pyautoattack", "gmr"} and record["versions"]["pyautoattack"] == "0.2.0"
     attacks_ = record["attacks"]
     assert list(attacks_) == ["clean", "fgsm", "rfgsm", "ifgsm", "pgd", "pgd_cw", "pgd_50_10", "autoattack"]
     for name, entry in attacks_.items():
-        assert entry["n_examples"] == 24 and entry["seed"] == 3 and entry["seconds"] >= 0
+        assert entry["n_examples"] == 16 and entry["seed"] == 3 and entry["seconds"] >= 0
         assert 0 <= entry["accuracy"] <= 1
     assert attacks_["pgd"]["params"] == {"steps": 3, "step_size": 0.05, "restarts": 2, "loss": "ce"}
     assert attacks_["pgd_cw"]["params"]["restarts"] == 2 and attacks_["pgd_cw"]["params"]["loss"] == "cw"
@@ -95,7 +97,7 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
     # per-example file: the worst case is exact
     npz = np.load(out.with_suffix(".npz"))
     for name, entry in attacks_.items():
-        assert npz[entry["per_example"]].shape == (24,)
+        assert npz[entry["per_example"]].shape == (16,)
         assert entry["accuracy"] == pytest.approx(npz[entry["per_example"]].mean())
     over = record["worst_case"]["over"]
     assert over == ["clean", "fgsm", "rfgsm", "ifgsm", "pgd", "pgd_cw", "pgd_50_10", "autoattack",
@@ -113,7 +115,7 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
     assert [(s["eps"], s["attack"]) for s in sweep] == [
         (e, a) for e in (0.0, 0.3) for a in ("fgsm", "rfgsm", "ifgsm", "pgd", "pgd_cw", "pgd_50_10", "autoattack")]
     for s in sweep:
-        assert s["n_examples"] == 24 and s["accuracy"] == pytest.approx(npz[s["per_example"]].mean())
+        assert s["n_examples"] == 16 and s["accuracy"] == pytest.approx(npz[s["per_example"]].mean())
         if s["eps"] == 0.0:
             assert np.array_equal(npz[s["per_example"]], npz["clean"]), s["attack"]
         else:
@@ -135,7 +137,7 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
     assert card_json["autoattack_acc"] == f"{100 * aa['accuracy']:.2f}"
     assert card_json["eps"] == "0.3" and card_json["threat_model"] == "Linf" and card_json["dataset"] == "mnist"
     assert card_json["training_cost"]["passes_per_sample"] > 0 and card_json["training_cost"]["epochs"] == 1
-    assert "standard training" in card_json["footnote"] and "first 24 test points" in card_json["footnote"]
+    assert "standard training" in card_json["footnote"] and "first 16 test points" in card_json["footnote"]
 
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert str(out) in printed and "worst case" in printed
