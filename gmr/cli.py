@@ -364,6 +364,9 @@ def _add_diagnose(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true",
                    help="small probes for smoke tests (fewer PGD steps, restarts and grid points)")
+    p.add_argument("--audit-only", action="store_true",
+                   help="no model work: rebuild audit.json, checks and figures from the probe CSVs already "
+                   "in --out (e.g. with an --eval whose AutoAttack finished later)")
     p.set_defaults(func=_cmd_diagnose)
 
 
@@ -390,7 +393,19 @@ def _cmd_diagnose(args) -> int:
         raise UsageError(str(err)) from None
     from .plots import diagnosis_figures
 
-    diag = diagnose(cfg)
+    if args.audit_only:
+        from .diagnostics import reaudit
+        try:
+            diag = reaudit(out, args.eval_json)
+            if Path(diag.audit["run"]).resolve() != Path(args.run).resolve():
+                raise ValueError(f"{out}/audit.json audits {diag.audit['run']}, not --run {args.run}")
+            if diag.audit["checkpoint"] != args.checkpoint:
+                raise ValueError(f"{out}/audit.json audits the {diag.audit['checkpoint']} checkpoint, "
+                                 f"not --checkpoint {args.checkpoint}")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    else:
+        diag = diagnose(cfg)
     written = write_diagnosis(diag, out)
     figures = diagnosis_figures(out)
     diag.audit["files"] = sorted(p.name for p in written + figures if p.name != "audit.json")

@@ -13,7 +13,8 @@ from gmr.cli import main
 from gmr.data import DataSpec, Split, load_split
 from gmr.diagnostics import (RULES, DiagnoseConfig, ProbeSettings, build_checks,
                              catastrophic_overfitting_epoch, diagnose, line_statistics, make_check,
-                             run_probes, sign_agreement, validate_audit, verdict, write_diagnosis)
+                             read_tables, run_probes, sign_agreement, summarise, validate_audit, verdict,
+                             write_diagnosis)
 
 GRADIENT_CHECKS = ("zero_gradient_fraction", "gradient_alignment_fgsm_robust", "sign_agreement_fgsm_robust",
                    "fgsm_loss_nonmonotone", "boundary_distortion")
@@ -232,18 +233,24 @@ def test_verdict_rule():
     clean = [check("gradient_alignment_fgsm_robust", 0.9), check("boundary_distortion", 0.0),
              check("pgd_steps_plateau", 0.0)]
     assert verdict(clean)["masking"] == "no"
-    one = clean + [check("fgsm_pgd_accuracy_gap", 0.5)]
-    assert verdict(one)["masking"] == "inconclusive"
-    two = one + [check("fgsm_loss_nonmonotone", 0.4)]
-    assert verdict(two)["masking"] == "yes"
-    decisive = clean + [check("accuracy_at_large_eps", 0.3)]
-    assert verdict(decisive)["masking"] == "yes"
-    unconverged = clean + [check("pgd_restarts_plateau", 0.1)]
-    assert verdict(unconverged)["masking"] == "inconclusive"
-    info = clean + [check("fgsm_rfgsm_logit_distance", 1e6)]
-    assert verdict(info)["masking"] == "no"
-    nan = make_check("gradient_alignment_fgsm_robust", float("nan"))
-    assert nan["passed"] is False
+    gap = check("fgsm_pgd_accuracy_gap", 0.5)                 # a symptom
+    co = check("catastrophic_overfitting", 2.0)               # a symptom
+    curved = check("fgsm_loss_nonmonotone", 0.4)              # a mechanism
+    distorted = check("boundary_distortion", 0.2)             # a mechanism
+    one_symptom = verdict(clean + [gap])
+    assert one_symptom["masking"] == "no"
+    assert any("fgsm_pgd_accuracy_gap" in r for r in one_symptom["reasons"])
+    assert any("corroborates" in r for r in one_symptom["reasons"])
+    assert verdict(clean + [gap, co])["masking"] == "inconclusive"
+    assert verdict(clean + [curved])["masking"] == "inconclusive"
+    assert verdict(clean + [curved, gap])["masking"] == "yes"
+    assert verdict(clean + [curved, distorted])["masking"] == "yes"
+    assert verdict(clean + [check("accuracy_at_large_eps", 0.3)])["masking"] == "yes"
+    assert verdict(clean + [check("pgd_restarts_plateau", 0.1)])["masking"] == "inconclusive"
+    assert verdict(clean + [check("fgsm_rfgsm_logit_distance", 1e6)])["masking"] == "no"
+    assert make_check("gradient_alignment_fgsm_robust", float("nan"))["passed"] is False
+    leak = check("fgsm_above_clean", 0.05)
+    assert leak["passed"] is False and leak["role"] == "symptom"
 
 
 def test_every_rule_documents_its_source_and_threshold_in_the_module_and_readme():
@@ -301,6 +308,28 @@ def test_cli_diagnose_writes_files_and_a_valid_audit(make_run, tmp_path, capsys)
     names = {c["name"] for c in audit["checks"]}
     assert {"autoattack_flags", "pgd_autoattack_gap", "transfer_beats_whitebox"} <= names
     assert not list(out.glob(".tmp-*"))
+
+    # the summary is a function of the CSV files: rebuilding it from disk gives the same numbers
+    again = summarise(read_tables(out))
+    for key, value in audit["summary"].items():
+        if key in again and isinstance(value, float):
+            assert again[key] == pytest.approx(value, abs=1e-9, nan_ok=True), key
+
+    # --audit-only: an evaluation that arrived later (AutoAttack flagged masking) changes the verdict,
+    # without any model work
+    ev.write_text(json.dumps({"run": str(run), "attacks": {"pgd": {"accuracy": 0.1}, "autoattack": {
+        "accuracy": 0.0, "per_attack": {"apgd-ce": 0.0}, "flags": ["apgd-ce: possible gradient masking"]}}}))
+    rc = main(["diagnose", "--run", str(run), "--out", str(out), "--eval", str(ev), "--audit-only"])
+    assert rc == 0
+    redone = json.loads((out / "audit.json").read_text())
+    validate_audit(redone)
+    assert by_name(redone["checks"])["autoattack_flags"]["passed"] is False
+    assert redone["verdict"]["masking"] == "yes"
+    assert redone["summary"]["pgd_accuracy"] == audit["summary"]["pgd_accuracy"]
+    assert redone["seconds"] == audit["seconds"]
+    other = tmp_path / "empty"
+    other.mkdir()
+    assert main(["diagnose", "--run", str(run), "--out", str(other), "--audit-only"]) == 2
 
 
 def test_audit_schema_rejects_bad_audits(make_run):
