@@ -14,8 +14,9 @@ Snakemake report). Tables:
     masking               the masking audit (`gmr diagnose`) per method: verdicts across seeds and the
                           key probe values
 
-A run has *catastrophic overfitting* when its training log shows it (gmr.diagnostics: validation PGD
-accuracy falls more than 0.2 below an earlier best while FGSM accuracy holds; Wong et al. 2020).
+A run has *catastrophic overfitting* when its training log shows it (the criterion of
+`gmr.diagnostics.catastrophic_overfitting_epoch`: validation PGD accuracy falls far below an earlier best
+while FGSM accuracy holds; Wong et al. 2020).
 """
 from __future__ import annotations
 
@@ -118,7 +119,9 @@ def load_evals(files: Iterable[str | Path]) -> pd.DataFrame:
                          "n_examples": int(res.get("n_examples", rec.get("n_examples", 0))),
                          "dataset": rec.get("dataset"), "model": rec.get("model"),
                          "method": rec.get("method"), "seed": rec.get("train_seed"),
-                         "eps": float(res.get("eps", rec.get("eps"))), "file": str(f)})
+                         # the record's budget: per-attack entries may carry their own (clean: 0)
+                         "eps": float(rec["eps"] if rec.get("eps") is not None else res["eps"]),
+                         "file": str(f)})
     df = pd.DataFrame(rows, columns=["run", "checkpoint", "attack", "accuracy", "n_examples", "dataset",
                                      "model", "method", "seed", "eps", "file"])
     if df.empty:
@@ -170,15 +173,28 @@ def _titles(runs: pd.DataFrame) -> dict[tuple, str]:
     return {tuple(k): t for k, t in runs.groupby(KEYS)["method_title"].first().items()}
 
 
+def _link_runs(ev: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Point each evaluation at its run directory. A record names its run as given to `gmr evaluate`
+    (a relative path means: relative to where that ran); when that path is not one of `runs`, the run
+    with the same dataset, model, method, seed and eps is taken."""
+    if ev.empty or runs.empty:
+        return ev
+    known = set(runs["run"])
+    by_meta = {(r.dataset, r.model, r.method, r.seed, round(r.eps, 6)): r.run for r in runs.itertuples()}
+    ev["run"] = [run if run in known else by_meta.get((d, m, me, s, round(e, 6)), run)
+                 for run, d, m, me, s, e in zip(ev["run"], ev["dataset"], ev["model"], ev["method"],
+                                                ev["seed"], ev["eps"])]
+    return ev
+
+
 def robustness(runs: pd.DataFrame, evals: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per dataset: one row per (model, eps, method, checkpoint); for each attack the mean and std
     over seeds of the accuracy and the number of test points; the catastrophic-overfitting rate."""
     if evals.empty:
         return {}
-    ev = evals.copy()
-    if not runs.empty:  # the run's own metadata wins over the record's (e.g. eps given at evaluation)
-        meta = runs.set_index("run")[["co"]]
-        ev = ev.join(meta, on="run")
+    ev = _link_runs(evals.copy(), runs)
+    if not runs.empty:
+        ev = ev.join(runs.set_index("run")[["co"]], on="run")
     else:
         ev["co"] = float("nan")
     group = KEYS + ["checkpoint"]
@@ -403,8 +419,9 @@ def format_robustness(name: str, t: pd.DataFrame) -> Formatted:
              ", mean ± std over training seeds; selected = the epoch with the best validation I-FGSM-3 "
              "accuracy (the paper's model selection), last = the final epoch.",
              "Test points: " + "; ".join(f"{', '.join(v)} on the first {n}" for n, v in sorted(by_n.items())) + ".",
-             "CO rate: runs with catastrophic overfitting in their training log (validation PGD accuracy "
-             "fell > 20 points below an earlier best while FGSM accuracy held) / seeds."]
+             "CO rate: runs whose training log shows catastrophic overfitting (validation PGD accuracy "
+             "fell far below an earlier best while FGSM accuracy held; criterion of "
+             "gmr.diagnostics.catastrophic_overfitting_epoch, after Wong et al. 2020) / seeds."]
     return Formatted(f"Robustness on {dataset}", df, notes)
 
 

@@ -43,7 +43,7 @@ def make_eval(run: Path, checkpoint: str, accs: dict[str, float], n=500, name=No
     rec = {"schema": "gmr.eval/1", "run": str(run), "checkpoint": checkpoint, "method": cfg["method"],
            "dataset": cfg["dataset"], "model": cfg["model"], "train_seed": cfg["seed"], "n_examples": n,
            "eps": meta["eps"],
-           "attacks": {a: {"accuracy": v, "n_examples": n, "eps": meta["eps"],
+           "attacks": {a: {"accuracy": v, "n_examples": n, "eps": 0.0 if a == "clean" else meta["eps"],
                            "params": {"steps": steps} if steps and a.startswith("pgd") else {}}
                        for a, v in accs.items()}}
     path = run / (name or f"{checkpoint}.json")
@@ -176,3 +176,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err) == 1 and "bad.json" in err[0]
     assert main(["tables", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "t")]) == 2
     assert not (tmp_path / "t" / "cost.csv").exists()
+
+
+def test_evaluation_linked_to_its_run_by_setting_when_the_path_differs(tmp_path):
+    """A record written elsewhere names its run by a path relative to where `gmr evaluate` ran."""
+    run = make_run(tmp_path, "fgsm", 0, pgd_curve=(0.3, 0.05, 0.0), fgsm_curve=(0.5, 0.6, 0.9))
+    ev = make_eval(run, "best", {"clean": 0.9, "fgsm": 0.8, "pgd": 0.0})
+    rec = json.loads(ev.read_text())
+    rec["run"] = "results/runs/somewhere/else"
+    ev.write_text(json.dumps(rec))
+    t = tables.robustness(tables.load_runs([run]), tables.load_evals([ev]))["robustness_mnist"]
+    assert t.loc[0, "co_runs"] == 1 and t.loc[0, "clean_mean"] == 0.9 and t.loc[0, "eps"] == 0.3
