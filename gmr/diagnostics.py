@@ -19,7 +19,8 @@ Checks, thresholds and sources (a check *fails* when its value is on the bad sid
 | accuracy_at_large_eps | PGD accuracy at the largest eps of the sweep (1.0 by default) > 0.05 | decisive | Carlini et al. 2019 and Athalye et al. 2018 (an unbounded attack must reach 100% success) |
 | accuracy_vs_eps_increase | largest rise of PGD accuracy between consecutive eps of the sweep > 0.03 | symptom | Carlini et al. 2019 (a larger budget must not make the attack weaker) |
 | transfer_beats_whitebox | acc(white-box PGD) - acc(PGD transferred from --transfer-from) > 0.02 | decisive | Athalye et al. 2018; Carlini et al. 2019 (black-box stronger than white-box is a red flag) |
-| autoattack_flags | AutoAttack raised any flag (from --eval) | decisive | Croce & Hein 2020 (AutoAttack's checks, flags_doc.md) |
+| autoattack_square_gain | robust accuracy that AutoAttack's black-box Square removes after its white-box attacks (from --eval) > 0.02 | decisive | Croce & Hein 2020; Carlini et al. 2019 (black-box stronger than white-box); tolerance as transfer_beats_whitebox |
+| autoattack_flags | AutoAttack raised any flag (from --eval) | symptom | Croce & Hein 2020 (AutoAttack's checks, flags_doc.md: they "might indicate" an unreliable evaluation) |
 | pgd_autoattack_gap | acc(PGD) - acc(AutoAttack) in the evaluation JSON > 0.1 | symptom | Croce & Hein 2020 (drops of > 10 points expose a broken evaluation) |
 | catastrophic_overfitting | val PGD accuracy fell below its earlier best by more than min(0.2, half that best) while val FGSM stayed within 0.1 of its value there, at or before the audited checkpoint | symptom | Wong, Rice & Kolter 2020 (early stopping when PGD accuracy drops by 0.2); Kim et al. 2021 (PGD accuracy falls to 0 while FGSM accuracy rises) |
 | pgd_steps_plateau | acc(PGD, most steps) < acc(PGD, previous step count) - 0.02 | reliability | Carlini et al. 2019 (accuracy vs iterations must plateau) |
@@ -39,13 +40,17 @@ non-linear loss can also produce; a *mechanism* check shows the gradient, or the
 misleading; a *reliability* check says whether the attack converged.
 
 Verdict (a decision of this suite): `yes` when a decisive check fails, or a mechanism check fails
-together with at least one more symptom or mechanism check; `inconclusive` when one mechanism check
-fails alone, two or more symptoms fail with no mechanism, or a reliability check fails (the attack did
-not converge, so a "no" cannot be trusted); `no` otherwise. A single symptom that no mechanism check
-corroborates does not convict: on real MNIST runs (GMR, 3 epochs) the FGSM-PGD gap was 0.25 while the
-gradient was informative everywhere (alignment 0.81 where FGSM fails, monotone loss along it, no
-boundary distortion, PGD plateaued, eps = 1 breaks everything); such a gap comes from a loss that is
-non-linear over the eps-ball, not from masking. Info checks never enter the verdict.
+together with at least one more mechanism or symptom check; `inconclusive` when one mechanism check
+fails alone, or a reliability check fails (the attack did not converge, so a "no" cannot be trusted);
+`no` otherwise. Symptoms that no mechanism check corroborates do not convict (they are listed in the
+reasons): each says that a stronger attack finds more than a weaker one, which a loss that is
+non-linear over the eps-ball produces without any masking. Seen on real MNIST runs: GMR after 3
+epochs had an FGSM-PGD gap of 0.25 and AutoAttack 0.14 below PGD-100 (APGD-T finds more), while its
+gradient was informative everywhere (alignment 0.81 where FGSM fails, monotone loss along the FGSM
+direction, no boundary distortion, PGD plateaued, eps = 1 breaks every point). AutoAttack's flags are
+symptoms (its documentation says they "might indicate" an unreliable evaluation); the one flag that is a
+red flag of Carlini et al. 2019, Square beating the white-box attacks, is decisive beyond the same 0.02
+tolerance as the transfer check. Info checks never enter the verdict.
 
 The 0.3 / 0.6 / 0.1 / 0.05 thresholds of the gradient and line checks are this suite's choices: the
 papers show the quantities collapse at masking but publish no cut-off; they separate a linear model,
@@ -136,7 +141,11 @@ RULES: dict[str, Rule] = {
     "transfer_beats_whitebox": Rule(
         0.02, True, "decisive", "Athalye, Carlini & Wagner 2018 (ICML); Carlini et al. 2019",
         "white-box PGD accuracy minus transferred PGD accuracy"),
-    "autoattack_flags": Rule(0, True, "decisive", "Croce & Hein 2020 (ICML; AutoAttack flags_doc.md)",
+    "autoattack_square_gain": Rule(
+        0.02, True, "decisive", "Croce & Hein 2020 (ICML); Carlini et al. 2019 (black-box stronger than "
+        "white-box); tolerance as transfer_beats_whitebox", "robust accuracy removed by Square after the "
+        "white-box attacks of AutoAttack"),
+    "autoattack_flags": Rule(0, True, "symptom", "Croce & Hein 2020 (ICML; AutoAttack flags_doc.md)",
                              "number of AutoAttack flags"),
     "pgd_autoattack_gap": Rule(0.1, True, "symptom", "Croce & Hein 2020 (ICML)",
                                "PGD accuracy minus AutoAttack accuracy"),
@@ -631,6 +640,17 @@ def autoattack_summary(record: dict | None) -> dict | None:
             "flags": [str(f) for f in aa.get("flags") or []]}
 
 
+def square_gain(per_attack: dict) -> float | None:
+    """Robust accuracy removed by Square (black-box) after the attacks before it in AutoAttack's cascade
+    (`per_attack` holds the robust accuracy after each attack, in order); None without Square."""
+    names = list(per_attack)
+    if "square" not in names or names.index("square") == 0:
+        return None
+    before = _aa_acc(per_attack[names[names.index("square") - 1]])
+    after = _aa_acc(per_attack["square"])
+    return None if before is None or after is None else before - after
+
+
 # --------------------------------------------------------------------------------------------------
 # The audit
 
@@ -695,6 +715,9 @@ def build_checks(summary: dict, train_rows: Sequence[dict] = (), eval_record: di
         flags = aa["flags"]
         checks.append(make_check("autoattack_flags", float(len(flags)),
                                  "; ".join(flags)[:200] if flags else "no flags"))
+        gain = square_gain(aa["per_attack"])
+        if gain is not None:
+            checks.append(make_check("autoattack_square_gain", gain))
         pgd = (eval_record.get("attacks", {}).get("pgd") or {}).get("accuracy")
         if pgd is not None:
             checks.append(make_check("pgd_autoattack_gap", float(pgd) - aa["accuracy"],
@@ -711,10 +734,10 @@ def build_checks(summary: dict, train_rows: Sequence[dict] = (), eval_record: di
     return checks
 
 
-VERDICT_RULE = ("yes: a decisive check fails, or a mechanism check fails together with another symptom or "
-                "mechanism check; inconclusive: one mechanism check alone, two or more symptoms without a "
-                "mechanism, or an attack that did not converge (reliability); no: otherwise (a single symptom "
-                "that no mechanism check corroborates is reported but does not convict)")
+VERDICT_RULE = ("yes: a decisive check fails, or a mechanism check fails together with another mechanism or "
+                "symptom check; inconclusive: one mechanism check fails alone, or an attack did not converge "
+                "(reliability); no: otherwise (failed symptoms that no mechanism check corroborates are "
+                "listed: a stronger attack finds more, the gradient does not mislead)")
 ROLES = ("decisive", "mechanism", "symptom", "reliability")
 
 
@@ -726,15 +749,15 @@ def verdict(checks: Sequence[dict]) -> dict:
     n_mech, n_sym = len(failed["mechanism"]), len(failed["symptom"])
     if failed["decisive"] or (n_mech >= 1 and n_mech + n_sym >= 2):
         masking = "yes"
-    elif n_mech == 1 or n_sym >= 2 or failed["reliability"]:
+    elif n_mech == 1 or failed["reliability"]:
         masking = "inconclusive"
     else:
         masking = "no"
         n = sum(1 for c in checks if c["passed"] is not None)
         if n_sym:
-            reasons.append("no gradient or loss-surface check corroborates this symptom: the gradient is "
-                           "informative, so the gap reflects a loss that is non-linear over the eps-ball, "
-                           "not masking")
+            reasons.append("no gradient or loss-surface check corroborates these symptoms: the gradient is "
+                           "informative, so stronger attacks find more because the loss is non-linear over "
+                           "the eps-ball, not because the gradient misleads; report the strongest attack")
         else:
             reasons = [f"all {n} checks with a threshold passed"]
     return {"masking": masking, "reasons": reasons, "rule": VERDICT_RULE}

@@ -241,7 +241,7 @@ def test_verdict_rule():
     assert one_symptom["masking"] == "no"
     assert any("fgsm_pgd_accuracy_gap" in r for r in one_symptom["reasons"])
     assert any("corroborates" in r for r in one_symptom["reasons"])
-    assert verdict(clean + [gap, co])["masking"] == "inconclusive"
+    assert verdict(clean + [gap, co])["masking"] == "no"       # symptoms alone never convict
     assert verdict(clean + [curved])["masking"] == "inconclusive"
     assert verdict(clean + [curved, gap])["masking"] == "yes"
     assert verdict(clean + [curved, distorted])["masking"] == "yes"
@@ -275,7 +275,18 @@ def test_autoattack_record_flags_and_absence():
     checks = by_name(build_checks(summary, eval_record=record))
     assert checks["autoattack_flags"]["passed"] is False and checks["autoattack_flags"]["value"] == 1
     assert checks["pgd_autoattack_gap"]["value"] == pytest.approx(0.4)
+    assert "autoattack_square_gain" not in checks                  # no Square in this cascade
+    assert verdict(list(checks.values()))["masking"] == "no"         # symptoms only
+    # Square (black-box) beating the white-box attacks by more than 0.02 is a red flag
+    per_attack = {"apgd-ce": 0.6, "apgd-t": 0.55, "fab-t": 0.55, "square": 0.5}
+    record["attacks"]["autoattack"]["per_attack"] = per_attack
+    checks = by_name(build_checks(summary, eval_record=record))
+    assert checks["autoattack_square_gain"]["value"] == pytest.approx(0.05)
+    assert checks["autoattack_square_gain"]["role"] == "decisive"
     assert verdict(list(checks.values()))["masking"] == "yes"
+    per_attack["square"] = 0.545                                     # one point in 200: tolerated
+    checks = by_name(build_checks(summary, eval_record=record))
+    assert checks["autoattack_square_gain"]["passed"] is True
     # an evaluation without AutoAttack: no AutoAttack checks, nothing breaks
     checks = by_name(build_checks(summary, eval_record={"attacks": {"pgd": {"accuracy": 0.9}}}))
     assert "autoattack_flags" not in checks and "pgd_autoattack_gap" not in checks
@@ -315,15 +326,17 @@ def test_cli_diagnose_writes_files_and_a_valid_audit(make_run, tmp_path, capsys)
         if key in again and isinstance(value, float):
             assert again[key] == pytest.approx(value, abs=1e-9, nan_ok=True), key
 
-    # --audit-only: an evaluation that arrived later (AutoAttack flagged masking) changes the verdict,
+    # --audit-only: an evaluation that arrived later (Square beat the white-box attacks) changes the verdict,
     # without any model work
-    ev.write_text(json.dumps({"run": str(run), "attacks": {"pgd": {"accuracy": 0.1}, "autoattack": {
-        "accuracy": 0.0, "per_attack": {"apgd-ce": 0.0}, "flags": ["apgd-ce: possible gradient masking"]}}}))
+    ev.write_text(json.dumps({"run": str(run), "attacks": {"pgd": {"accuracy": 0.5}, "autoattack": {
+        "accuracy": 0.1, "per_attack": {"apgd-ce": 0.3, "square": 0.1},
+        "flags": ["Square Attack has decreased the robust accuracy of 20%"]}}}))
     rc = main(["diagnose", "--run", str(run), "--out", str(out), "--eval", str(ev), "--audit-only"])
     assert rc == 0
     redone = json.loads((out / "audit.json").read_text())
     validate_audit(redone)
     assert by_name(redone["checks"])["autoattack_flags"]["passed"] is False
+    assert by_name(redone["checks"])["autoattack_square_gain"]["passed"] is False
     assert redone["verdict"]["masking"] == "yes"
     assert redone["summary"]["pgd_accuracy"] == audit["summary"]["pgd_accuracy"]
     assert redone["seconds"] == audit["seconds"]
