@@ -824,8 +824,10 @@ def _judge(audit: dict, tables: dict[str, list[dict]], eval_record: dict | None)
         tables["training_curves"] = training_table(train_rows)
     aa = autoattack_summary(eval_record)
     if aa is not None:
-        tables["autoattack"] = ([{"attack": "autoattack", "accuracy": aa["accuracy"]}] +
-                                [{"attack": k, "accuracy": _aa_acc(v)} for k, v in aa["per_attack"].items()])
+        n_aa = (eval_record or {}).get("n_examples")
+        tables["autoattack"] = ([{"attack": "autoattack", "accuracy": aa["accuracy"], "n": n_aa}] +
+                                [{"attack": k, "accuracy": _aa_acc(v), "n": n_aa}
+                                 for k, v in aa["per_attack"].items()])
     tables["checks"] = [{k: c[k] for k in ("name", "value", "threshold", "fails_when", "passed", "role",
                                             "source")} for c in checks]
     co = catastrophic_overfitting_epoch(train_rows) if train_rows else None

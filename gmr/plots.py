@@ -149,7 +149,9 @@ def _fig_attacks(d: Path, audit: dict) -> list[Path]:
                 colors.append("#92c5de")
     if (d / "autoattack.csv").exists():
         for r in read_csv(d / "autoattack.csv"):
-            names.append("AA" if r["attack"] == "autoattack" else f"AA: {r['attack']}")
+            n_aa = r.get("n", float("nan"))
+            suffix = f" (n={int(n_aa)})" if not math.isnan(n_aa) and int(n_aa) != audit["n_examples"] else ""
+            names.append(("AA" if r["attack"] == "autoattack" else f"AA: {r['attack']}") + suffix)
             accs.append(r["accuracy"])
             colors.append("#5e3c99" if r["attack"] == "autoattack" else "#b2abd2")
     fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(names) + 1.5), 3.4))
