@@ -1,5 +1,5 @@
 # The README's two set-up commands. Both create .venv on a fresh machine and install everything:
-#   make run   - the main job (default small MNIST runs)
+#   make run   - the main job: the default workflow (config/config.yaml) and its report
 #   make test  - the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,14 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/gmr prepare-data --dataset mnist --data-root data
-	@for m in fgsm gmr; do \
-	  $(VENV)/bin/gmr train --dataset mnist --model lenet_plus --method $$m --eps 0.3 --epochs 2 \
-	    --batch-size 32 --n-train 4000 --n-val 300 --seed 0 --no-progress --out results/runs/mnist/$$m/seed0 || exit 1; \
-	  $(VENV)/bin/gmr evaluate --run results/runs/mnist/$$m/seed0 --attacks clean,fgsm,pgd --n-test 500 \
-	    --out results/eval/mnist/$$m/seed0.json || exit 1; \
-	done
-	@echo "results: results/runs (training) and results/eval (evaluation)"
+	$(VENV)/bin/snakemake --workflow-profile workflow/profiles/default --cores all
+	$(VENV)/bin/snakemake --workflow-profile workflow/profiles/default --report results/report.html
+	@echo "report: results/report.html (tables: results/tables/, figures: results/figures/)"
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,241 @@
+"""The Snakemake workflow: config checks, every shipped config builds its DAG, the reduced study end to
+end with its report, interruption and resume, and the same study on a one-node Slurm cluster.
+
+Every Snakemake call runs in its own working directory (--directory) under `timeout -s INT` (Snakemake
+ignores SIGTERM while jobs run). The Slurm test needs the cluster of .ci/slurm-up.sh; on CI (CI=true)
+it fails when the cluster is not up instead of skipping.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+TEST_CONFIG = ROOT / ".test" / "config.yaml"
+CONFIGS = sorted((ROOT / "config").glob("*.yaml")) + sorted((ROOT / ".test").glob("*.yaml"))
+
+
+def snakemake_cmd(workdir: Path, *args: str, timeout: int = 300) -> list[str]:
+    return ["timeout", "-s", "INT", str(timeout), sys.executable, "-m", "snakemake",
+            "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(snakemake_cmd(workdir, *args, timeout=timeout), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        log = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        logs = "".join(f"\n--- {p}:\n{p.read_text()[-1500:]}" for p in sorted(workdir.rglob("logs/**/*.log")))
+        pytest.fail(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{log}{logs}")
+    return proc
+
+
+def write_config(path: Path, base: Path = TEST_CONFIG, **changes) -> Path:
+    cfg = yaml.safe_load(base.read_text())
+    for key, value in changes.items():
+        cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_builds_its_dag(config, tmp_path):
+    proc = snakemake(tmp_path, "--configfile", str(config), "--dry-run", "--quiet", "rules", timeout=300)
+    assert "train" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trian": {"epochs": 1}}, "trian"),                                   # unknown key
+    ({"train": {"epochs": 0}}, "epochs"),                                  # out of range
+    ({"experiments": {"m": {"dataset": "mnist", "model": "lenet_plus", "eps": [1.5],
+                            "methods": ["gmr"], "seeds": [0]}}}, "1.5"),   # eps above 1
+    ({"experiments": {"m": {"dataset": "mnist", "model": "lenet_plus", "eps": [0.3],
+                            "methods": ["gmrr"], "seeds": [0]}}}, "gmrr"),  # unknown method
+    ({"evaluate": {"attacks": ["clean", "pgdd"]}}, "pgdd"),                # unknown attack
+])
+def test_bad_config_fails_before_any_job(tmp_path, change, message):
+    config = write_config(tmp_path / "bad.yaml", **change)
+    proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "1", timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert message in out
+    assert not (tmp_path / ".test" / "results").exists()
+
+
+def test_default_config_is_the_documented_study():
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    (name, exp), = cfg["experiments"].items()
+    assert exp["dataset"] == "mnist" and exp["model"] == "lenet_plus" and exp["eps"] == [0.3]
+    assert {"standard", "fgsm", "rfgsm", "gmr", "pgd"} <= set(exp["methods"])
+    assert len(exp["seeds"]) >= 2
+    assert cfg["evaluate"]["autoattack"]["n_test"] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end
+
+def _check_outputs(results: Path, methods: list[str]) -> None:
+    tables = results / "tables"
+    for name in ("robustness_mnist", "reference", "cost", "masking"):
+        for ext in ("csv", "md", "tex", "html"):
+            assert (tables / f"{name}.{ext}").stat().st_size > 0, f"{name}.{ext}"
+    with open(tables / "robustness_mnist.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["method"], r["checkpoint"]) for r in rows} == {(m, c) for m in methods for c in ("best", "last")}
+    for r in rows:
+        for attack in ("clean", "fgsm", "pgd"):
+            assert 0.0 <= float(r[f"{attack}_mean"]) <= 1.0
+    with open(tables / "cost.csv") as fh:
+        cost = {r["method"]: r for r in csv.DictReader(fh)}
+    assert set(cost) == set(methods)
+    assert float(cost["gmr"]["passes_per_sample"]) == pytest.approx(4.0, rel=0.05)
+    figures = sorted(p.name for p in (results / "figures").glob("*.png"))
+    assert figures, "no figures"
+    for run in (results / "runs").glob("*/*/*/*"):
+        bench = (results / "benchmarks" / "train" / run.relative_to(results / "runs")).with_suffix(".tsv")
+        assert bench.exists(), bench
+
+
+@pytest.mark.slow
+def test_workflow_end_to_end_with_report(tmp_path, mnist_root):
+    config = write_config(tmp_path / "config.yaml", data_root=str(mnist_root), results="results")
+    snakemake(tmp_path, "--configfile", str(config), "--cores", "2", timeout=1500)
+    results = tmp_path / "results"
+    _check_outputs(results, ["fgsm", "gmr"])
+    last = json.loads((results / "eval/mnist/gmr/eps0.3/seed0/last.json").read_text())
+    assert last["checkpoint"] == "last"
+
+    # a second invocation finds nothing to do
+    proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", "--dry-run", timeout=300)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+    report = results / "report.html"
+    snakemake(tmp_path, "--configfile", str(config), "--report", str(report), timeout=600)
+    text = report.read_text(errors="replace")
+    assert report.stat().st_size > 100_000
+    for item in ("robustness_mnist.html", "cost.html", "masking.html", "reference.html",
+                 "Gradient masking", "training_curves"):
+        assert item in text, item
+
+
+# --------------------------------------------------------------------------------------------------
+# Interrupt and resume
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_sigint_during_training_then_rerun_resumes(tmp_path, mnist_root):
+    """Ctrl-C while a run trains: finished jobs stay finished, the interrupted run resumes from its
+    checkpoint (its finished epochs are not trained again), and no --rerun-incomplete is needed."""
+    base = yaml.safe_load(TEST_CONFIG.read_text())
+    base["data_root"] = str(mnist_root)
+    base["results"] = "results"
+    base["diagnose"]["enabled"] = False
+    base["experiments"] = {
+        "quick": {"dataset": "mnist", "model": "lenet_plus", "eps": [0.3], "methods": ["fgsm"], "seeds": [0]},
+        "slow": {"dataset": "mnist", "model": "lenet_plus", "eps": [0.3], "methods": ["gmr"], "seeds": [0],
+                 "train": {"epochs": 6, "n_train": 1500}},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(base))
+    results = tmp_path / "results"
+    quick = results / "runs/quick/fgsm/eps0.3/seed0/run.json"
+    slow_dir = results / "runs/slow/gmr/eps0.3/seed0"
+    targets = [str(quick.relative_to(tmp_path)), str((slow_dir / "run.json").relative_to(tmp_path))]
+
+    cmd = snakemake_cmd(tmp_path, "--configfile", str(config), "--cores", "2", *targets, timeout=1200)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 900
+    try:
+        while not (quick.exists() and (slow_dir / "checkpoint.pt").exists()):
+            assert proc.poll() is None, f"snakemake ended early:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "training did not reach epoch 1"
+            time.sleep(0.2)
+        assert not (slow_dir / "run.json").exists(), "the slow run finished before the interrupt"
+        os.killpg(proc.pid, signal.SIGINT)     # Ctrl-C: the whole foreground process group
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert not (slow_dir / "run.json").exists()
+    import torch
+
+    done = torch.load(slow_dir / "checkpoint.pt", weights_only=True)["epoch"]  # epochs kept by the checkpoint
+    assert 1 <= done < 6
+    done_rows = _rows(slow_dir / "train_log.csv")[:done]
+    quick_mtime = quick.stat().st_mtime_ns
+    data_mtime = (results / "data" / "mnist.txt").stat().st_mtime_ns
+
+    rerun = snakemake(tmp_path, "--configfile", str(config), "--cores", "2", *targets, timeout=1200)
+    log = rerun.stdout + rerun.stderr
+    assert log.count("rule train:") == 1, log[-3000:]
+    assert "rule prepare_data" not in log
+    assert quick.stat().st_mtime_ns == quick_mtime
+    assert (results / "data" / "mnist.txt").stat().st_mtime_ns == data_mtime
+    rows = _rows(slow_dir / "train_log.csv")
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, 7)]
+    # the epochs finished before the interrupt were kept, not trained again (same timings to the digit)
+    assert rows[:len(done_rows)] == done_rows
+    meta = json.loads((slow_dir / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["selection"]["last_epoch"] == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# Slurm
+
+def _slurm_up() -> bool:
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.returncode == 0 and any(s.strip().rstrip("*") in ("idle", "mix", "alloc") for s in out.stdout.split())
+
+
+@pytest.fixture
+def slurm_cluster():
+    if not _slurm_up():
+        message = "no Slurm cluster (start one with `eval $(.ci/slurm-up.sh --install)`)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + "; CI must run this test")
+        pytest.skip(message)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_workflow_on_slurm(tmp_path, mnist_root, slurm_cluster):
+    """The reduced study through `--profile workflow/profiles/slurm` (executor slurm, squeue status)."""
+    base = yaml.safe_load((ROOT / ".test" / "config-slurm.yaml").read_text())
+    config = write_config(tmp_path / "config.yaml", base=ROOT / ".test" / "config-slurm.yaml",
+                          data_root=str(mnist_root), results="results")
+    proc = snakemake(tmp_path, "--configfile", str(config), "--profile", str(ROOT / "workflow/profiles/slurm"),
+                     "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "10",
+                     "--jobs", "4", timeout=1500)
+    log = proc.stdout + proc.stderr
+    results = tmp_path / "results"
+    _check_outputs(results, base["experiments"]["mnist"]["methods"])
+    # training, evaluation and the audit ran as Slurm jobs: one submission line each
+    submitted = [line for line in log.splitlines() if "SLURM jobid" in line]
+    assert len(submitted) >= 3, log[-3000:]
