@@ -29,8 +29,8 @@ Checks, thresholds and sources (a check *fails* when its value is on the bad sid
 
 Why the gradient checks look only at the points FGSM does not break, and the line check only before the
 first misclassification: masking means the gradient misleads the attack where the model *looks*
-robust. A normally trained network is curved at eps = 0.3 on MNIST (alignment over all points about
-0.3, its loss wiggles beyond the decision boundary), yet FGSM breaks it: its gradients are not
+robust. A LeNet+ after one short epoch (1000 MNIST images, near chance) had alignment 0.29 over all points
+and a loss that wiggles beyond the decision boundary, yet FGSM breaks it: its gradients are not
 misleading. With fewer than 10 (or 5% of the) points resisting FGSM the two restricted checks are not
 applicable (passed = null).
 
@@ -66,7 +66,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -438,14 +437,19 @@ def run_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
                              "loss": loss[j], "correct": ok[j]})
     tables["loss_surface"] = rows
 
-    # sanity curves on the first n_curve points
+    # sanity curves on the first n_curve points. Every point of the eps and steps curves starts PGD from
+    # the same random draws (common random numbers), so neighbouring points differ by eps or steps only,
+    # not by the luck of the random start; the restarts curve draws new starts on purpose.
+    def crn() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed + 7919)
+
     nc = min(s.n_curve, n)
     xc, yc = x[:nc], y[:nc]
     eps_grid = sorted({round(f * eps, 6) for f in s.eps_factors} | {float(e) for e in s.large_eps})
     rows = []
     for e in eps_grid:
         step = 2.5 * e / s.sweep_steps
-        acc_e = _pgd_accuracy(model, xc, yc, e, s.sweep_steps, step, gen, s.batch_size) if e > 0 \
+        acc_e = _pgd_accuracy(model, xc, yc, e, s.sweep_steps, step, crn(), s.batch_size) if e > 0 \
             else _accuracy(model, xc, yc, s.batch_size)
         rows.append({"eps": e, "eps_over_train_eps": e / eps if eps else float("nan"), "accuracy": acc_e,
                      "steps": s.sweep_steps if e > 0 else 0, "step_size": step, "n": nc})
@@ -455,7 +459,7 @@ def run_probes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     for k in sorted(set(s.pgd_steps)):
         step = max(default_step, 2.5 * eps / k)
         rows.append({"steps": k, "step_size": step, "n": nc,
-                     "accuracy": _pgd_accuracy(model, xc, yc, eps, k, step, gen, s.batch_size)})
+                     "accuracy": _pgd_accuracy(model, xc, yc, eps, k, step, crn(), s.batch_size)})
     tables["accuracy_vs_steps"] = rows
 
     robust = torch.ones(nc, dtype=torch.bool)
@@ -663,7 +667,8 @@ def make_check(name: str, value: float | None, note: str | None = "") -> dict:
         passed = False
         text = f"{rule.label} could not be measured (treated as failed)"
     else:
-        bad = value > rule.threshold if rule.fails_above else value < rule.threshold
+        # a value equal to the threshold passes (1e-9 absorbs float error, e.g. 0.525 - 0.505)
+        bad = (value > rule.threshold + 1e-9) if rule.fails_above else (value < rule.threshold - 1e-9)
         passed = not bad
         op = (">" if bad else "<=") if rule.fails_above else ("<" if bad else ">=")
         text = f"{rule.label} = {_fmt(value)} {op} {_fmt(rule.threshold)}: {'FAIL' if bad else 'pass'}"

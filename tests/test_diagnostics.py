@@ -13,8 +13,7 @@ from gmr.cli import main
 from gmr.data import DataSpec, Split, load_split
 from gmr.diagnostics import (RULES, DiagnoseConfig, ProbeSettings, build_checks,
                              catastrophic_overfitting_epoch, diagnose, line_statistics, make_check,
-                             read_tables, run_probes, sign_agreement, summarise, validate_audit, verdict,
-                             write_diagnosis)
+                             read_tables, run_probes, sign_agreement, summarise, validate_audit, verdict)
 
 GRADIENT_CHECKS = ("zero_gradient_fraction", "gradient_alignment_fgsm_robust", "sign_agreement_fgsm_robust",
                    "fgsm_loss_nonmonotone", "boundary_distortion")
@@ -249,6 +248,7 @@ def test_verdict_rule():
     assert verdict(clean + [check("pgd_restarts_plateau", 0.1)])["masking"] == "inconclusive"
     assert verdict(clean + [check("fgsm_rfgsm_logit_distance", 1e6)])["masking"] == "no"
     assert make_check("gradient_alignment_fgsm_robust", float("nan"))["passed"] is False
+    assert make_check("pgd_restarts_plateau", 0.525 - 0.505)["passed"] is True   # equal to 0.02 passes
     leak = check("fgsm_above_clean", 0.05)
     assert leak["passed"] is False and leak["role"] == "symptom"
 
