@@ -133,8 +133,70 @@ def _fashion_from_debian(root: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Loaders: (root, train) -> (uint8 images N x C x H x W, int64 labels N), via torchvision's classes.
 
+# Decoded-tensor cache. Importing torchvision costs about 3.5 s per process (it imports torch._dynamo),
+# more than the work of many short workflow jobs, and torchvision offers no lighter entry point. So the
+# tensors a torchvision dataset class decoded are kept beside the raw files (one torch.save per split),
+# keyed by the raw files' names, sizes and modification times; a changed, added or removed raw file, or
+# an unreadable cache, sends the load through torchvision again. A read-only root just skips the cache.
+_RAW_FILES = {  # where each torchvision class keeps its files under the root
+    "MNIST": ["MNIST/raw"], "FashionMNIST": ["FashionMNIST/raw"], "CIFAR10": ["cifar-10-batches-py"],
+    "CIFAR100": ["cifar-100-python"], "SVHN": ["train_32x32.mat", "test_32x32.mat"],
+}
+CACHE_DIR = ".gmr-cache"
+
+
+def _raw_signature(cls_name: str, root: Path) -> list[list]:
+    entries = []
+    for rel in _RAW_FILES[cls_name]:
+        base = root / rel
+        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
+        for f in files:
+            if f.is_file():
+                st = f.stat()
+                entries.append([str(f.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return entries
+
+
+def _cache_file(cls_name: str, root: Path, train: bool) -> Path:
+    return root / CACHE_DIR / f"{cls_name}-{'train' if train else 'test'}.pt"
+
+
+def _read_cache(cls_name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    path = _cache_file(cls_name, root, train)
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["signature"] != _raw_signature(cls_name, root) or not saved["signature"]:
+            return None
+        return saved["data"], saved["labels"]
+    except Exception:  # a truncated or foreign file is only a cache miss
+        return None
+
+
+def _write_cache(cls_name: str, root: Path, train: bool, data: torch.Tensor, labels: torch.Tensor) -> None:
+    signature = _raw_signature(cls_name, root)
+    if not signature:
+        return
+    try:
+        with atomic_path(_cache_file(cls_name, root, train)) as tmp:
+            torch.save({"signature": signature, "data": data, "labels": labels}, tmp)
+    except OSError:
+        pass
+
+
 def _load_torchvision(cls_name: str, root: Path, train: bool, offline: Callable[[Path], bool] | None,
                       fix: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    cached = _read_cache(cls_name, root, train)
+    if cached is not None:
+        return cached
+    data, labels = _decode_torchvision(cls_name, root, train, offline, fix, **kwargs)
+    _write_cache(cls_name, root, train, data, labels)
+    return data, labels
+
+
+def _decode_torchvision(cls_name: str, root: Path, train: bool, offline: Callable[[Path], bool] | None,
+                        fix: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, cls_name)

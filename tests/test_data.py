@@ -36,6 +36,55 @@ def test_offline_mnist_loads_via_torchvision(mnist_root):
                                                       5421, 5918, 6265, 5851, 5949]
 
 
+def _copy_raw(mnist_root: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(Path(mnist_root) / "MNIST", root / "MNIST")
+    return root
+
+
+def test_decoded_tensor_cache_loads_without_torchvision_and_matches(mnist_root, tmp_path):
+    import subprocess
+    import sys
+
+    root = _copy_raw(mnist_root, tmp_path)
+    first = gdata._load_torchvision("MNIST", root, True, None, "")
+    assert gdata._cache_file("MNIST", root, True).is_file()
+    code = ("import sys, torch; from gmr import data; "
+            f"x, y = data._load_torchvision('MNIST', data.Path({str(root)!r}), True, None, ''); "
+            "torch.save((x, y), sys.argv[1]); print('torchvision' in sys.modules)")
+    out = tmp_path / "loaded.pt"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"          # the cache answered; torchvision was not imported
+    x, y = torch.load(out, weights_only=True)
+    assert torch.equal(x, first[0]) and torch.equal(y, first[1]) and x.shape == (60000, 1, 28, 28)
+
+
+def test_decoded_tensor_cache_is_refreshed_when_raw_files_change_or_it_is_corrupt(mnist_root, tmp_path,
+                                                                                    monkeypatch):
+    import os
+
+    root = _copy_raw(mnist_root, tmp_path)
+    reference = gdata._load_torchvision("MNIST", root, False, None, "")
+    cache = gdata._cache_file("MNIST", root, False)
+    decoded = []
+    original = gdata._decode_torchvision
+    monkeypatch.setattr(gdata, "_decode_torchvision", lambda *a, **k: decoded.append(1) or original(*a, **k))
+
+    gdata._load_torchvision("MNIST", root, False, None, "")
+    assert decoded == []                                        # hit
+    raw = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    again = gdata._load_torchvision("MNIST", root, False, None, "")
+    assert decoded == [1] and torch.equal(again[1], reference[1])   # a changed raw file: decoded again
+    cache.write_bytes(b"not a torch file")
+    gdata._load_torchvision("MNIST", root, False, None, "")
+    assert decoded == [1, 1]                                    # a corrupt cache: decoded and rewritten
+    gdata._load_torchvision("MNIST", root, False, None, "")
+    assert decoded == [1, 1]
+
+
 # --------------------------------------------------------------------------------------------------
 # Splits and subsets
 
