@@ -19,7 +19,7 @@ Checks, thresholds and sources (a check *fails* when its value is on the bad sid
 | accuracy_at_large_eps | PGD accuracy at the largest eps of the sweep (1.0 by default) > 0.05 | decisive | Carlini et al. 2019 and Athalye et al. 2018 (an unbounded attack must reach 100% success) |
 | accuracy_vs_eps_increase | largest rise of PGD accuracy between consecutive eps of the sweep > 0.03 | symptom | Carlini et al. 2019 (a larger budget must not make the attack weaker) |
 | transfer_beats_whitebox | acc(white-box PGD) - acc(PGD transferred from --transfer-from) > 0.02 | decisive | Athalye et al. 2018; Carlini et al. 2019 (black-box stronger than white-box is a red flag) |
-| autoattack_square_gain | robust accuracy that AutoAttack's black-box Square removes after its white-box attacks (from --eval) > 0.02 | decisive | Croce & Hein 2020; Carlini et al. 2019 (black-box stronger than white-box); tolerance as transfer_beats_whitebox |
+| autoattack_square_gain | robust accuracy that AutoAttack's black-box Square removes after its white-box attacks (from --eval) > 0.02 | decisive (a symptom when it is a single example) | Croce & Hein 2020; Carlini et al. 2019 (black-box stronger than white-box); tolerance as transfer_beats_whitebox |
 | autoattack_flags | AutoAttack raised any flag (from --eval) | symptom | Croce & Hein 2020 (AutoAttack's checks, flags_doc.md: they "might indicate" an unreliable evaluation) |
 | pgd_autoattack_gap | acc(PGD) - acc(AutoAttack) in the evaluation JSON > 0.1 | symptom | Croce & Hein 2020 (drops of > 10 points expose a broken evaluation) |
 | catastrophic_overfitting | val PGD accuracy fell below its earlier best by more than min(0.2, half that best) while val FGSM stayed within 0.1 of its value there, at or before the audited checkpoint | symptom | Wong, Rice & Kolter 2020 (early stopping when PGD accuracy drops by 0.2); Kim et al. 2021 (PGD accuracy falls to 0 while FGSM accuracy rises) |
@@ -641,7 +641,7 @@ def autoattack_summary(record: dict | None) -> dict | None:
     if not isinstance(aa, dict) or "accuracy" not in aa:
         return None
     return {"accuracy": float(aa["accuracy"]), "per_attack": dict(aa.get("per_attack") or {}),
-            "flags": [str(f) for f in aa.get("flags") or []]}
+            "flags": [str(f) for f in aa.get("flags") or []], "n_examples": aa.get("n_examples")}
 
 
 def square_gain(per_attack: dict) -> float | None:
@@ -657,6 +657,9 @@ def square_gain(per_attack: dict) -> float | None:
 
 # --------------------------------------------------------------------------------------------------
 # The audit
+
+MIN_DECISIVE_EXAMPLES = 2  # the AutoAttack Square check needs this many broken points to be decisive
+
 
 def make_check(name: str, value: float | None, note: str | None = "") -> dict:
     rule = RULES[name]
@@ -723,7 +726,16 @@ def build_checks(summary: dict, train_rows: Sequence[dict] = (), eval_record: di
                                  "; ".join(flags)[:200] if flags else "no flags"))
         gain = square_gain(aa["per_attack"])
         if gain is not None:
-            checks.append(make_check("autoattack_square_gain", gain))
+            check = make_check("autoattack_square_gain", gain)
+            n = aa["n_examples"]
+            # On the small AutoAttack subsets of quick studies one point can exceed the threshold (1 of 10
+            # = 0.1), and whether Square's random search finds it varies between runs: a single example
+            # is reported as a symptom, not as decisive evidence.
+            if check["passed"] is False and n and round(gain * n) < MIN_DECISIVE_EXAMPLES:
+                check["role"] = "symptom"
+                check["explanation"] += (f" ({round(gain * n)} of {n} points: fewer than "
+                                         f"{MIN_DECISIVE_EXAMPLES} examples count as a symptom)")
+            checks.append(check)
         pgd = (eval_record.get("attacks", {}).get("pgd") or {}).get("accuracy")
         if pgd is not None:
             checks.append(make_check("pgd_autoattack_gap", float(pgd) - aa["accuracy"],

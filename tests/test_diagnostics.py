@@ -291,6 +291,17 @@ def test_autoattack_record_flags_and_absence():
     per_attack["square"] = 0.545                                     # one point in 200: tolerated
     checks = by_name(build_checks(summary, eval_record=record))
     assert checks["autoattack_square_gain"]["passed"] is True
+    # on a 10-point subset one point is 0.1: it fails, but one example is only a symptom; two convict
+    record["attacks"]["autoattack"]["n_examples"] = 10
+    per_attack.update({"apgd-ce": 0.4, "apgd-t": 0.3, "fab-t": 0.3, "square": 0.2})
+    checks = by_name(build_checks(summary, eval_record=record))
+    square = checks["autoattack_square_gain"]
+    assert square["passed"] is False and square["role"] == "symptom" and "1 of 10 points" in square["explanation"]
+    assert verdict(list(checks.values()))["masking"] == "no"
+    per_attack["square"] = 0.1
+    checks = by_name(build_checks(summary, eval_record=record))
+    assert checks["autoattack_square_gain"]["role"] == "decisive"
+    assert verdict(list(checks.values()))["masking"] == "yes"
     # an evaluation without AutoAttack: no AutoAttack checks, nothing breaks
     checks = by_name(build_checks(summary, eval_record={"attacks": {"pgd": {"accuracy": 0.9}}}))
     assert "autoattack_flags" not in checks and "pgd_autoattack_gap" not in checks

@@ -1,5 +1,6 @@
-# Gradient-masking audit of the selected model of the chosen runs (`gmr diagnose`). Only audit.json
-# is declared; the probe CSVs and figures beside it are read by `gmr plots`.
+# Gradient-masking audit of one model (diagnose.checkpoint: best or last) of the chosen runs
+# (`gmr diagnose`). Only audit.json is declared; the probe CSVs and figures beside it are read by
+# `gmr plots`.
 
 
 def _diagnose_inputs(wc):
@@ -8,15 +9,17 @@ def _diagnose_inputs(wc):
     evals = evaluations(run)
     # One evaluation goes with the audit: the AutoAttack one (it holds PGD and AutoAttack on the same
     # points, for the flags and the PGD - AutoAttack gap), else the white-box one.
-    aa = (EVAL_DIR + "/best-autoattack.json").format(**wc)
-    whitebox = (EVAL_DIR + "/best.json").format(**wc)
+    ckpt = experiment(wc)["diagnose"]["checkpoint"]
+    aa = (EVAL_DIR + "/{ckpt}-autoattack.json").format(**wc, ckpt=ckpt)
+    whitebox = (EVAL_DIR + "/{ckpt}.json").format(**wc, ckpt=ckpt)
     files["evals"] = [f for f in (aa, whitebox) if f in evals][:1]
     return files
 
 
 def _diagnose_args(wc, input) -> str:
     d = experiment(wc)["diagnose"]
-    args = ["--n-test", str(d["n_test"]), "--device", config["device"]]
+    args = ["--checkpoint", d["checkpoint"], "--n-test", str(d["n_test"]), "--device", config["device"],
+            "--threads", str(resources("diagnose")["threads"])]
     if d["n_curve"]:
         args += ["--n-curve", str(d["n_curve"])]
     if d["quick"]:
@@ -39,6 +42,8 @@ rule diagnose:
         run=lambda wc, input: os.path.dirname(input.run),
         out=lambda wc, output: os.path.dirname(output.audit),
         args=_diagnose_args,
+    # on the path to the audit and the last jobs of a study: start them as soon as they are ready
+    priority: 1
     threads: resources("diagnose")["threads"]
     resources:
         **job_resources("diagnose"),

@@ -33,7 +33,8 @@ def _whitebox_args(wc) -> str:
     return " ".join([
         "--attacks", ",".join(ev["attacks"]), n_test_arg(ev["n_test"]),
         "--batch-size", str(ev["batch_size"]), "--seed", str(ev["seed"]),
-        "--device", config["device"], attack_params_args(ev, ev["attacks"])])
+        "--device", config["device"], "--threads", str(resources("evaluate")["threads"]),
+        attack_params_args(ev, ev["attacks"])])
 
 
 def _autoattack_args(wc) -> str:
@@ -44,7 +45,7 @@ def _autoattack_args(wc) -> str:
         "--attacks", ",".join(attacks), n_test_arg(ev["autoattack"]["n_test"]),
         attack_params_args(ev, attacks),
         "--batch-size", str(ev["batch_size"]), "--seed", str(ev["seed"]),
-        "--device", config["device"]])
+        "--device", config["device"], "--threads", str(resources("autoattack")["threads"])])
 
 
 rule evaluate:
@@ -83,6 +84,8 @@ rule autoattack:
         run=lambda wc, input: os.path.dirname(input.run),
         args=_autoattack_args,
         reuse=_reuse_prefix("-autoattack"),
+    # on the path to the audit and the last jobs of a study: start them as soon as they are ready
+    priority: 1
     threads: resources("autoattack")["threads"]
     resources:
         **job_resources("autoattack"),
