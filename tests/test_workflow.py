@@ -65,6 +65,7 @@ def test_shipped_config_builds_its_dag(config, tmp_path):
     ({"experiments": {"m": {"dataset": "mnist", "model": "lenet_plus", "eps": [0.3],
                             "methods": ["gmrr"], "seeds": [0]}}}, "gmrr"),  # unknown method
     ({"evaluate": {"attacks": ["clean", "pgdd"]}}, "pgdd"),                # unknown attack
+    ({"diagnose": {"checkpoint": "final"}}, "final"),                      # not best or last
 ])
 def test_bad_config_fails_before_any_job(tmp_path, change, message):
     config = write_config(tmp_path / "bad.yaml", **change)
@@ -82,6 +83,17 @@ def test_default_config_is_the_documented_study():
     assert {"standard", "fgsm", "rfgsm", "gmr", "pgd"} <= set(exp["methods"])
     assert len(exp["seeds"]) >= 2
     assert cfg["evaluate"]["autoattack"]["n_test"] > 0
+
+
+@pytest.mark.parametrize("checkpoint", ["best", "last"])
+def test_diagnose_audits_the_configured_checkpoint(tmp_path, checkpoint):
+    config = write_config(tmp_path / "c.yaml", diagnose={"checkpoint": checkpoint})
+    proc = snakemake(tmp_path, "--configfile", str(config), "--dry-run", "--printshellcmds", timeout=300)
+    commands = [line for line in proc.stdout.splitlines() if " diagnose --run " in line]
+    assert commands
+    for command in commands:
+        assert f"--checkpoint {checkpoint} " in command
+        assert f"/{checkpoint}-autoattack.json" in command or f"/{checkpoint}.json" in command
 
 
 # --------------------------------------------------------------------------------------------------
