@@ -19,13 +19,7 @@ from gmr.data import DataSpec, Split, load_split
 from gmr.evaluate import attack_correct, resolve_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a busy 2-core machine: one thread is faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _package_dir(name: str) -> Path:

@@ -20,13 +20,7 @@ from gmr.models import list_models
 FILES = ["run.json", "train_log.csv", "model_best.pt", "model_last.pt", "checkpoint.pt"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(root, out, *extra) -> list[str]:

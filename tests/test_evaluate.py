@@ -22,12 +22,7 @@ from gmr.evaluate import list_attacks, load_run_model, resolve_params, whitebox_
 TARGET = dict(method="standard", lr=0.05, schedule="onecycle", n_train=2000)  # learns in one epoch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ FILES = ["run.json", "train_log.csv", "model_best.pt", "model_last.pt", "checkpo
 PROBES = ["val_clean", "val_fgsm", "val_ifgsm3", "val_pgd", "val_logit_dist", "val_grad_align"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(root, **overrides) -> TrainConfig:
