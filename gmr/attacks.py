@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import dataset_info
 from .registry import Registry
 
 
@@ -147,34 +148,34 @@ class AttackSpec:
 ATTACKS: Registry[AttackSpec] = Registry("attack")
 
 
-def _family(dataset: str) -> str:
-    return "mnist" if dataset in ("mnist", "fashion_mnist") else "cifar"
+# Evaluation defaults per dataset family: the paper code's I-FGSM/PGD (MNIST 100 x 0.01, CIFAR 20 x 2/255).
+_STEPS = {"mnist": 100, "cifar": 20}
 
 
-_STEPS = {"mnist": dict(steps=100, step_size=0.01), "cifar": dict(steps=20, step_size=2 / 255)}
-_ALPHA = {"mnist": 0.01, "cifar": 2 / 255}
+def _steps(info) -> dict:
+    return dict(steps=_STEPS[info.family], step_size=info.step_size)
 
 
-def _register_attack(name, fn, randomness, defaults: Callable[[str], dict], description: str):
+def _register_attack(name, fn, randomness, defaults: Callable[[Any], dict], description: str):
+    """`defaults` maps the dataset's DatasetInfo to the attack's default parameters."""
     ATTACKS.register(name, defaults=defaults, description=description)(AttackSpec(fn, randomness))
 
 
-_register_attack("fgsm", fgsm, False, lambda fam: {}, "FGSM (Goodfellow et al.)")
-_register_attack("rfgsm", rfgsm, True, lambda fam: {"alpha": _ALPHA[fam]},
+_register_attack("fgsm", fgsm, False, lambda info: {}, "FGSM (Goodfellow et al.)")
+_register_attack("rfgsm", rfgsm, True, lambda info: {"alpha": info.probe_alpha},
                  "R-FGSM (Tramer et al.): alpha noise, then eps - alpha step")
-_register_attack("ifgsm", ifgsm, False, lambda fam: dict(_STEPS[fam]), "I-FGSM/BIM, no random start")
-_register_attack("pgd", pgd, True, lambda fam: dict(_STEPS[fam], restarts=1, loss="ce"),
+_register_attack("ifgsm", ifgsm, False, _steps, "I-FGSM/BIM, no random start")
+_register_attack("pgd", pgd, True, lambda info: dict(_steps(info), restarts=1, loss="ce"),
                  "PGD, cross-entropy, uniform random start")
-_register_attack("pgd_cw", pgd, True, lambda fam: dict(_STEPS[fam], restarts=1, loss="cw"),
+_register_attack("pgd_cw", pgd, True, lambda info: dict(_steps(info), restarts=1, loss="cw"),
                  "PGD, CW-margin loss, uniform random start")
 _register_attack("pgd_50_10", pgd, True,
-                 lambda fam: dict(steps=50, step_size={"mnist": 0.01, "cifar": 2 / 255}[fam],
-                                  restarts=10, loss="ce"),
+                 lambda info: dict(steps=50, step_size=info.step_size, restarts=10, loss="ce"),
                  "legacy PGD-50-10: 50 steps, 10 restarts")
 
 
 def attack_defaults(name: str, dataset: str) -> dict:
-    return dict(ATTACKS.entry(name).meta["defaults"](_family(dataset)))
+    return dict(ATTACKS.entry(name).meta["defaults"](dataset_info(dataset)))
 
 
 def run_attack(name: str, model, x, y, eps: float, generator: torch.Generator | None = None,

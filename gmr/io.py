@@ -1,14 +1,16 @@
-"""Atomic file output: every result is written to a temporary file beside its target and renamed,
-so an interrupted run never leaves a partial or corrupt file where a finished one is expected."""
+"""File input and output. Every result is written to a temporary file beside its target and renamed
+(atomic), so an interrupted run never leaves a partial or corrupt file where a finished one is expected."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -92,3 +94,46 @@ def ensure_writable_file(path: str | os.PathLike) -> Path:
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write to {parent}; choose another --out")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV rows. Hand-written rather than pandas: a probe table is a list of row dicts whose columns may
+# differ between rows, and readers want floats back without pandas' dtype guessing.
+
+def rows_to_csv(rows: Sequence[dict]) -> str:
+    """CSV text of row dicts: the union of their keys as columns (first-seen order); floats written
+    exactly (repr), NaN and None as empty cells."""
+    buf = io.StringIO()
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _csv_cell(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return "" if v is None else v
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    write_text(path, rows_to_csv(rows))
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, float | str]]:
+    """Rows of a CSV file with numbers as floats, empty cells as NaN and other text as is."""
+    with open(path, newline="") as fh:
+        return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _parse_cell(v: str | None):
+    if v is None or v == "":
+        return float("nan")
+    try:
+        return float(v)
+    except ValueError:
+        return v

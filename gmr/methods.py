@@ -12,7 +12,7 @@ Adding a method: write a function and an options dataclass, and register them:
         beta: float = 1.0
 
     @register_method("my_method", MyOptions, cost=lambda o, b: PassCount(2, 2),
-                     description="FGSM-AT with ...")
+                     description="FGSM-AT with ...", title="My-AT", color="#17becf")
     def my_method(model, x, y, eps, o: MyOptions) -> StepOutput:
         x_adv = attacks.fgsm(model, x, y, eps)
         logits = model(x_adv)
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import attacks
 from .attacks import eval_mode, input_gradient, project, random_sign_like, _uniform_like
 from .cost import PassCount
+from .data import dataset_family
 from .registry import Registry
 
 
@@ -48,21 +49,50 @@ class MethodSpec:
     cost: Callable[[Any, int], PassCount]      # (options, batch size) -> sample-passes per batch / B
     defaults: dict[str, dict[str, Any]]        # dataset family -> option overrides (paper values)
     description: str
+    title: str | Callable[[Any], str]          # display name, or options -> name (e.g. "PGD-10 AT")
+    color: str                                 # one colour in every figure
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
+UNKNOWN_COLOR = "#000000"
 
 
 def register_method(name: str, options: type, cost: Callable[[Any, int], PassCount], description: str,
+                    title: str | Callable[[Any], str], color: str,
                     defaults: dict[str, dict[str, Any]] | None = None):
+    """Register a training method: its step function, options, cost, and how tables and figures show
+    it (title, colour). Tables and figures list methods in registration order."""
     def decorator(fn):
-        METHODS.register(name)(MethodSpec(fn, options, cost, defaults or {}, description))
+        METHODS.register(name)(MethodSpec(fn, options, cost, defaults or {}, description, title, color))
         return fn
     return decorator
 
 
-def dataset_family(dataset: str) -> str:
-    return "mnist" if dataset in ("mnist", "fashion_mnist") else "cifar"
+def method_title(method: str, options: dict | Any | None = None) -> str:
+    """The display name of a method (with its options where the title depends on them, e.g. PGD-k AT);
+    a method not registered in this process shows as its key."""
+    if method not in METHODS:
+        return method
+    spec = METHODS.get(method)
+    if not callable(spec.title):
+        return spec.title
+    if isinstance(options, dict):
+        try:
+            options = make_options(method, "mnist", {k: v for k, v in options.items()
+                                                     if k in {f.name for f in dataclasses.fields(spec.options)}})
+        except ValueError:
+            options = None
+    return spec.title(options if options is not None else spec.options())
+
+
+def method_color(method: str) -> str:
+    return METHODS.get(method).color if method in METHODS else UNKNOWN_COLOR
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key: registration order, then unregistered methods by name."""
+    order = METHODS.names_in_order()
+    return (order.index(method) if method in order else len(order), method)
 
 
 def make_options(method: str, dataset: str, overrides: dict[str, Any] | None = None):
@@ -123,7 +153,8 @@ class NoOptions:
     pass
 
 
-@register_method("standard", NoOptions, cost=lambda o, b: PassCount(1, 1), description="clean training")
+@register_method("standard", NoOptions, cost=lambda o, b: PassCount(1, 1), description="clean training",
+                 title="Standard", color="#7f7f7f")
 def standard(model, x, y, eps, o) -> StepOutput:
     return _ce_step(model, x, y)
 
@@ -133,7 +164,7 @@ class FGSMOptions:
     clean_fraction: float = 0.0   # fraction of each batch kept clean (0: adversarial only, as the paper)
 
 
-@register_method("fgsm", FGSMOptions, description="FGSM-AT (Goodfellow et al. 2015)",
+@register_method("fgsm", FGSMOptions, description="FGSM-AT (Goodfellow et al. 2015)", title="FGSM-AT", color="#d62728",
                  cost=lambda o, b: PassCount(1 + _n_adv(o, b) / b, 1 + _n_adv(o, b) / b))
 def fgsm(model, x, y, eps, o: FGSMOptions) -> StepOutput:
     k = len(x) - _n_adv(o, len(x))
@@ -148,6 +179,7 @@ class RFGSMOptions:
 
 
 @register_method("rfgsm", RFGSMOptions, description="R-FGSM-AT (Tramer et al. 2018): alpha noise, eps - alpha step",
+                 title="R-FGSM-AT", color="#ff7f0e",
                  defaults={"mnist": {"alpha": 0.01}, "cifar": {"alpha": 2 / 255}},
                  cost=lambda o, b: PassCount(1 + _n_adv(o, b) / b, 1 + _n_adv(o, b) / b))
 def rfgsm(model, x, y, eps, o: RFGSMOptions) -> StepOutput:
@@ -163,7 +195,7 @@ class GMROptions:
     projected: bool = False   # False: the paper's code (full eps step after the noise, no projection)
 
 
-@register_method("gmr", GMROptions, cost=lambda o, b: PassCount(4, 4),
+@register_method("gmr", GMROptions, cost=lambda o, b: PassCount(4, 4), title="GMR", color="#2ca02c",
                  description="FGSM-AT + lambda * ||z(x_fgsm) - z(x_rfgsm)||^2 (Vivek et al. 2019)",
                  defaults={"mnist": {"lambda_": 5.0, "alpha": 0.01},
                            "cifar": {"lambda_": 25.0, "alpha": 2 / 255}})
@@ -194,6 +226,7 @@ class PGDOptions:
 
 
 @register_method("pgd", PGDOptions, cost=lambda o, b: PassCount(o.steps + 1, o.steps + 1),
+                 title=lambda o: f"PGD-{o.steps} AT", color="#1f77b4",
                  description="PGD-AT (Madry et al. 2018): random start, k steps, projection",
                  defaults={"mnist": {"steps": 40, "step_size": 0.01},
                            "cifar": {"steps": 7, "step_size": 2 / 255}})
@@ -207,7 +240,7 @@ class FGSMRSOptions:
     step_factor: float = 1.25     # step = step_factor * eps (Wong et al. 2020)
 
 
-@register_method("fgsm_rs", FGSMRSOptions, cost=lambda o, b: PassCount(2, 2),
+@register_method("fgsm_rs", FGSMRSOptions, cost=lambda o, b: PassCount(2, 2), title="FGSM-RS", color="#9467bd",
                  description="FGSM-RS (Wong et al. 2020): uniform start, 1.25 eps step, projection")
 def fgsm_rs(model, x, y, eps, o: FGSMRSOptions) -> StepOutput:
     x_start = (x + _uniform_like(x, -eps, eps, None)).clamp(0, 1)
@@ -222,7 +255,7 @@ class NFGSMOptions:
     step_factor: float = 1.0      # step = step_factor * eps; no projection to the eps-ball
 
 
-@register_method("n_fgsm", NFGSMOptions, cost=lambda o, b: PassCount(2, 2),
+@register_method("n_fgsm", NFGSMOptions, cost=lambda o, b: PassCount(2, 2), title="N-FGSM", color="#8c564b",
                  description="N-FGSM (de Jorge et al. 2022): 2 eps noise, eps step, no projection")
 def n_fgsm(model, x, y, eps, o: NFGSMOptions) -> StepOutput:
     x_start = (x + _uniform_like(x, -o.noise_factor * eps, o.noise_factor * eps, None)).clamp(0, 1)
@@ -236,7 +269,8 @@ class GradAlignOptions:
     lambda_: float = 0.2
 
 
-@register_method("gradalign", GradAlignOptions, cost=lambda o, b: PassCount(3, 4),
+@register_method("gradalign", GradAlignOptions, cost=lambda o, b: PassCount(3, 4), title="GradAlign",
+                 color="#e377c2",
                  description="GradAlign (Andriushchenko & Flammarion 2020): FGSM + lambda (1 - cos(g(x), g(x+eta)))")
 def gradalign(model, x, y, eps, o: GradAlignOptions) -> StepOutput:
     """The gradient at x serves both the FGSM step and the alignment term (one pass saved); the
@@ -260,7 +294,7 @@ class SATR1Options:
     steps: int = 10           # I-FGSM steps on the one regularised sample
 
 
-@register_method("sat_r1", SATR1Options,
+@register_method("sat_r1", SATR1Options, title="SAT-R1", color="#17becf",
                  cost=lambda o, b: PassCount(2 + (o.steps + 1) / b, 2 + (o.steps + 1) / b),
                  description="SAT-R1 (Vivek et al. 2020): FGSM-AT + lambda ||z(x_fgsm) - z(x_ifgsm)||^2 on one sample",
                  defaults={"mnist": {"steps": 10}, "cifar": {"steps": 3}})
@@ -282,7 +316,7 @@ class SATR3Options:
     tau: float = 0.4
 
 
-@register_method("sat_r3", SATR3Options, cost=lambda o, b: PassCount(3, 3),
+@register_method("sat_r3", SATR3Options, cost=lambda o, b: PassCount(3, 3), title="SAT-R3", color="#bcbd22",
                  description="SAT-R3 (Vivek et al. 2020): CE(x_high) + lambda relu(CE(x_low) - tau CE(x_high))",
                  defaults={"mnist": {"eps_low": 0.1, "tau": 0.4}, "cifar": {"eps_low": 2 / 255, "tau": 0.6}})
 def sat_r3(model, x, y, eps, o: SATR3Options) -> StepOutput:

@@ -36,6 +36,11 @@ def create_model(name: str, dataset: str) -> nn.Module:
                      image_size=h)
 
 
+def model_title(name: str) -> str:
+    """The architecture's display name (a model not registered in this process shows as its key)."""
+    return MODELS.entry(name).meta.get("title", name) if name in MODELS else name
+
+
 def list_models() -> list[str]:
     return MODELS.names()
 

@@ -66,11 +66,11 @@ class _ResNet18(nn.Module):
         return self.linear(out)
 
 
-@MODELS.register("resnet18", description="ResNet-18, CIFAR variant (3x3 stem)")
+@MODELS.register("resnet18", title="ResNet-18", description="ResNet-18, CIFAR variant (3x3 stem)")
 def resnet18(in_channels=3, num_classes=10, mean=(0.0,), std=(1.0,), **_):
     return _ResNet18(BasicBlock, False, in_channels, num_classes, mean, std)
 
 
-@MODELS.register("preact_resnet18", description="PreActResNet-18 (Wong et al. 2020)")
+@MODELS.register("preact_resnet18", title="PreActResNet-18", description="PreActResNet-18 (Wong et al. 2020)")
 def preact_resnet18(in_channels=3, num_classes=10, mean=(0.0,), std=(1.0,), **_):
     return _ResNet18(PreActBlock, True, in_channels, num_classes, mean, std)

@@ -4,7 +4,7 @@ from torch import nn
 from . import MODELS, Normalize
 
 
-@MODELS.register("tiny_cnn", description="tiny CNN for tests (any input size)")
+@MODELS.register("tiny_cnn", title="tiny CNN", description="tiny CNN for tests (any input size)")
 class TinyCNN(nn.Module):
     def __init__(self, in_channels=1, num_classes=10, mean=None, std=None, width=8, **_):
         super().__init__()

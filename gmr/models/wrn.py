@@ -43,6 +43,6 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
-@MODELS.register("wrn_28_10", description="WideResNet-28-10 (paper's CIFAR-10 net)")
+@MODELS.register("wrn_28_10", title="WideResNet-28-10", description="WideResNet-28-10 (paper's CIFAR-10 net)")
 def wrn_28_10(in_channels=3, num_classes=10, mean=(0.0,), std=(1.0,), **_):
     return WideResNet(28, 10, in_channels, num_classes, mean, std)
