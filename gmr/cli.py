@@ -233,7 +233,7 @@ def _cmd_evaluate(args) -> int:
             np.savez_compressed(fh, **correct)
     record["per_example_file"] = npz.name
     if card_path is not None:
-        from .cards import make_card
+        from .report.cards import make_card
 
         record["card_file"] = str(card_path)
         write_json(card_path, make_card(record, meta))
@@ -251,7 +251,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_card(args) -> int:
-    from .cards import CardError, card_from_files
+    from .report.cards import CardError, card_from_files
     from .io import ensure_writable_file, write_json
 
     try:
@@ -391,7 +391,7 @@ def _cmd_diagnose(args) -> int:
         load_run_model(args.run, args.checkpoint, pick_device("cpu"))  # a corrupt checkpoint fails here
     except ValueError as err:
         raise UsageError(str(err)) from None
-    from .plots import diagnosis_figures
+    from .report.audit_figures import diagnosis_figures
 
     if args.audit_only:
         from .diagnostics import reaudit
@@ -448,7 +448,7 @@ def _cmd_plots(args) -> int:
         out = ensure_writable_dir(args.out)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    from .plots import comparison_figures
+    from .report.plots import comparison_figures
 
     written = comparison_figures(args.runs, out, args.diagnostics, args.evals)
     print(f"{len(written)} files -> {out}: " + ", ".join(sorted({p.stem for p in written})))
@@ -480,7 +480,7 @@ def _add_tables(sub) -> None:
 
 def _cmd_tables(args) -> int:
     from .io import ensure_writable_dir
-    from .tables import TableInputError, build_tables, write_tables
+    from .report.tables import TableInputError, build_tables, write_tables
 
     try:
         out = ensure_writable_dir(args.out)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gmr.autoattack_adapter import (AutoAttackConfig, remove_state, run_autoattack, state_files)
-from gmr.cards import load_schema
+from gmr.report.cards import load_schema
 from gmr.data import DataSpec, Split, load_split
 from gmr.evaluate import attack_correct, resolve_params
 

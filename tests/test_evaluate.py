@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gmr import attacks
-from gmr.cards import load_reference, load_schema, make_card, reference_rows, validate
+from gmr.report.cards import load_reference, load_schema, make_card, reference_rows, validate
 from gmr.cli import main
 from gmr.data import DataSpec, Split, load_split
 from gmr.evaluate import list_attacks, load_run_model, resolve_params, whitebox_attacks

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gmr import tables
+from gmr.report import tables
 from gmr.cli import main
 
 CIFAR_EPS = 8 / 255

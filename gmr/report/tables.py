@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from .io import read_json, write_text
+from ..io import read_json, write_text
 
 # Evaluation attacks in table order, with their column titles.
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "rfgsm": "R-FGSM", "ifgsm": "I-FGSM", "pgd": "PGD",
@@ -75,7 +75,7 @@ def method_title(method: str, options: dict | None = None) -> str:
 
 def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     """One row per run directory: its setting, selection, catastrophic overfitting and cost ledger."""
-    from .diagnostics import catastrophic_overfitting_epoch, read_train_log
+    from ..runs import catastrophic_overfitting_epoch, read_train_log
 
     rows = []
     for d in run_dirs:

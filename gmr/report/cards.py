@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .io import read_json
+from ..io import read_json
 
 CARD_SCHEMA = "gmr.card/1"
 ARCHITECTURES = {"lenet_plus": "LeNet+", "preact_resnet18": "PreActResNet-18", "resnet18": "ResNet-18",

@@ -1,0 +1,301 @@
+"""Comparison figures across runs (`gmr plots`), drawn from result files on disk: training_curves,
+robust_accuracy_vs_cost and, from diagnose folders, loss_surfaces, loss_along_fgsm, accuracy_vs_eps and
+accuracy_vs_steps; plus audit_summary.csv (one row per audit). PNG and PDF each; every method keeps its
+registered colour."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..io import read_csv, read_json, write_csv
+from ..runs import RunDir, catastrophic_overfitting_epoch
+from .style import (LOSS_FLOOR, _col, _draw_surface, _finish_training_axes, _log_x, _order_key, _surface_grid,
+                    _training_axes, method_color, method_label, plt, save_figure)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _labels(items: Sequence[tuple[str, str, str | None]]) -> list[str]:
+    """Unique display names for (method, run path, checkpoint) items: the method's name, plus what
+    tells items of the same method apart (the first differing folder of their paths, the checkpoint)."""
+    base = [method_label(m) for m, _, _ in items]
+    out = []
+    for i, (m, p, ckpt) in enumerate(items):
+        group = [j for j, b in enumerate(base) if b == base[i]]
+        parts = []
+        if len(group) > 1:
+            paths = [Path(items[j][1]).resolve().parts for j in group]
+            if len({q for q in paths}) > 1:
+                mine = Path(p).resolve().parts
+                depth = min(len(q) for q in paths)
+                for k in range(depth):
+                    if len({q[k] for q in paths}) > 1:
+                        parts.append(mine[k])
+                        break
+            if len({items[j][2] for j in group}) > 1 and ckpt:
+                parts.append(ckpt)
+        out.append(base[i] + (f" ({', '.join(parts)})" if parts else ""))
+    return out
+
+
+def _styles(items: list[dict]) -> None:
+    """One marker and line style per item among the items of its method (colour = method)."""
+    seen: dict[str, int] = {}
+    for it in items:
+        k = seen.get(it["method"], 0)
+        seen[it["method"]] = k + 1
+        it["marker"], it["ls"] = MARKERS[k % len(MARKERS)], LINESTYLES[k % len(LINESTYLES)]
+
+
+def _load_runs(runs: Iterable[str | Path]) -> list[dict]:
+    out = []
+    for r in runs:
+        meta = read_json(Path(r) / "run.json")
+        out.append({"path": str(r), "meta": meta, "method": meta["config"]["method"],
+                    "seed": meta["config"].get("seed")})
+    out.sort(key=lambda x: _order_key(x["method"], x["path"]))
+    for item, label in zip(out, _labels([(x["method"], x["path"], None) for x in out])):
+        item["label"] = label
+    _styles(out)
+    return out
+
+
+def _load_diagnostics(dirs: Iterable[str | Path]) -> list[dict]:
+    out = []
+    for d in dirs:
+        audit = read_json(Path(d) / "audit.json")
+        out.append({"path": str(d), "audit": audit, "method": audit["method"], "seed": audit.get("train_seed")})
+    out.sort(key=lambda x: _order_key(x["method"], x["audit"]["run"] + x["audit"]["checkpoint"]))
+    for item, label in zip(out, _labels([(x["method"], x["audit"]["run"], x["audit"]["checkpoint"])
+                                         for x in out])):
+        item["label"] = label
+    _styles(out)
+    return out
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def comparison_figures(runs: Sequence[str | Path], out: str | Path, diagnostics: Sequence[str | Path] = (),
+                       evals: Sequence[str | Path] = ()) -> list[Path]:
+    """Draw the comparison figures (see the module docstring) into `out`; returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_items = _load_runs(runs)
+    diag_items = _load_diagnostics(diagnostics)
+    eval_records = [read_json(e) for e in evals]
+    written: list[Path] = []
+    if run_items:
+        written += _cmp_training(run_items, out)
+        written += _cmp_cost(run_items, diag_items, eval_records, out)
+    if diag_items:
+        written += _cmp_surfaces(diag_items, out)
+        written += _cmp_line(diag_items, out)
+        written += _cmp_eps(diag_items, out)
+        written += _cmp_steps(diag_items, out)
+        written.append(_audit_summary(diag_items, out))
+    return written
+
+
+def _cmp_training(items, out) -> list[Path]:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    axes = axes.ravel()
+    for it in items:
+        rows = RunDir(it["path"]).train_log()
+        if rows:
+            _training_axes(axes, rows, method_color(it["method"]), it["label"], catastrophic_overfitting_epoch(rows),
+                           it["marker"])
+    _finish_training_axes(axes)
+    eps = items[0]["meta"].get("eps")
+    ds = items[0]["meta"]["config"]["dataset"]
+    fig.suptitle(f"training curves on the validation subset ({ds}, eps = {eps:.3g}); dotted: catastrophic "
+                 "overfitting (Wong et al. 2020 rule)")
+    fig.tight_layout()
+    return save_figure(fig, out, "training_curves")
+
+
+def _eval_for(run_path: str, records: Sequence[dict]) -> dict | None:
+    matches = [r for r in records if r.get("run") and _same_path(r["run"], run_path)]
+    matches.sort(key=lambda r: r.get("checkpoint") != "best")
+    return matches[0] if matches else None
+
+
+def _diag_for(run_path: str, items: Sequence[dict]) -> dict | None:
+    matches = [d for d in items if _same_path(d["audit"]["run"], run_path)]
+    matches.sort(key=lambda d: d["audit"].get("checkpoint") != "best")
+    return matches[0] if matches else None
+
+
+def robustness_source(items, diag_items, eval_records) -> tuple[str, list[float | None], list[str]]:
+    """The best robust-accuracy source available for every run: AutoAttack or PGD from evaluation JSONs,
+    else PGD of the diagnose audits, else the selected epoch's validation PGD from run.json. Returns the
+    axis label, one value per run and the checkpoint each value is of."""
+    evals = [_eval_for(it["path"], eval_records) for it in items]
+    eval_ckpts = [(e or {}).get("checkpoint", "best") for e in evals]
+    aa = [((e or {}).get("attacks", {}).get("autoattack") or {}).get("accuracy") for e in evals]
+    if all(a is not None for a in aa):
+        n = evals[0].get("n_examples")
+        return f"AutoAttack accuracy (test, n = {n})", aa, eval_ckpts
+    pgd = [((e or {}).get("attacks", {}).get("pgd") or {}).get("accuracy") for e in evals]
+    if all(p is not None for p in pgd):
+        n = evals[0].get("n_examples")
+        return f"PGD accuracy (test, n = {n})", pgd, eval_ckpts
+    diags = [_diag_for(it["path"], diag_items) for it in items]
+    if all(d is not None for d in diags):
+        return (f"PGD accuracy (test, n = {diags[0]['audit']['n_examples']}, from gmr diagnose)",
+                [d["audit"]["summary"]["pgd_accuracy"] for d in diags],
+                [d["audit"]["checkpoint"] for d in diags])
+    return ("PGD accuracy (validation, selected epoch, from run.json)",
+            [it["meta"]["metrics"]["best"].get("val_pgd") for it in items], ["best"] * len(items))
+
+
+def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats (lower or equal cost and higher accuracy), by cost."""
+    order = sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i]))
+    front, best = [], -math.inf
+    for i in order:
+        if ys[i] > best:
+            front.append(i)
+            best = ys[i]
+    return front
+
+
+def _cmp_cost(items, diag_items, eval_records, out) -> list[Path]:
+    ylabel, ys, ckpts = robustness_source(items, diag_items, eval_records)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, xlabel in ((axes[0], "train_seconds", "training time (seconds, without validation probes)"),
+                            (axes[1], "passes", "training cost (forward + backward passes / 2, counted)")):
+        pts = [(it["meta"]["cost"][key], y, it, c) for it, y, c in zip(items, ys, ckpts) if y is not None]
+        for x, y, it, ckpt in pts:
+            name = it["label"] + ("" if ckpt == "best" else f" [{ckpt} model]")
+            ax.scatter(x, y, color=method_color(it["method"]), marker=it["marker"], s=45, zorder=3, label=name)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if pts:
+            front = pareto_front([p[0] for p in pts], [p[1] for p in pts])
+            fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
+            ax.step(fx, fy, where="post", color="k", lw=1, ls="--", zorder=2, label="Pareto front")
+            ax.scatter(fx, fy, facecolors="none", edgecolors="k", s=120, zorder=4)
+        _log_x(ax)
+        ax.set_xlabel(xlabel + " (log)")
+        ax.set_ylabel("robust accuracy (fraction)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"robust accuracy vs training cost (circled: Pareto front)\ny: {ylabel}")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return save_figure(fig, out, "robust_accuracy_vs_cost")
+
+
+def _cmp_surfaces(items, out) -> list[Path]:
+    per = [read_csv(Path(it["path"]) / "loss_surface.csv") for it in items]
+    common = sorted(set.intersection(*[{int(r["image"]) for r in rows} for rows in per]))[:2]
+    if not common:
+        return []
+    fig = plt.figure(figsize=(3.4 * len(items), 3.3 * len(common)))
+    for row, image in enumerate(common):
+        for col, (it, rows) in enumerate(zip(items, per)):
+            g1, g2, Z, label = _surface_grid(rows, image)
+            ax = fig.add_subplot(len(common), len(items), row * len(items) + col + 1, projection="3d")
+            _draw_surface(ax, g1, g2, Z, method_color(it["method"]),
+                          f"{it['label']}\ntest image {image} (label {label})")
+    eps = items[0]["audit"]["eps"]
+    fig.suptitle("loss surfaces at x + eps1 sign(grad x) + eps2 sign(random), eps1, eps2 in "
+                 f"[0, {eps:.3g}] (Tramer et al. 2018)")
+    return save_figure(fig, out, "loss_surfaces")
+
+
+def _cmp_line(items, out) -> list[Path]:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for it in items:
+        rows = read_csv(Path(it["path"]) / "fgsm_line.csv")
+        idx, t, loss, ok = (_col(rows, k) for k in ("index", "eps", "loss", "correct"))
+        ts = np.unique(t)
+        n = len(np.unique(idx))
+        L, C = np.maximum(loss.reshape(n, len(ts)), LOSS_FLOOR), ok.reshape(n, len(ts))
+        s = it["audit"]["summary"]
+        c = method_color(it["method"])
+        a1.plot(ts, np.median(L, 0), color=c, lw=2, ls=it["ls"],
+                label=f"{it['label']} (non-monotone {s['fgsm_loss_nonmonotone']:.0%})")
+        a1.fill_between(ts, np.percentile(L, 25, 0), np.percentile(L, 75, 0), color=c, alpha=0.15)
+        a2.plot(ts, C.mean(0), color=c, lw=2, ls=it["ls"], label=f"{it['label']} (distorted {s['boundary_distortion']:.0%})")
+    eps = items[0]["audit"]["eps"]
+    for ax in (a1, a2):
+        ax.axvline(eps, color="k", ls="--", lw=1)
+        ax.set_xlabel("step t along sign(grad x) (Linf, pixel units)")
+        ax.legend(fontsize=7)
+    a1.set_yscale("log")
+    a1.set_ylabel("cross-entropy loss (nats, log; median, 25-75% band)")
+    a1.set_title("loss along the FGSM direction (dashed: training eps)")
+    a2.set_ylabel("accuracy (fraction)")
+    a2.set_ylim(-0.02, 1.02)
+    a2.set_title("accuracy along the FGSM direction")
+    fig.tight_layout()
+    return save_figure(fig, out, "loss_along_fgsm")
+
+
+def _cmp_eps(items, out) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for it in items:
+        rows = read_csv(Path(it["path"]) / "accuracy_vs_eps.csv")
+        ax.plot(_col(rows, "eps"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"],
+                color=method_color(it["method"]), label=it["label"])
+    eps = items[0]["audit"]["eps"]
+    ax.axvline(eps, color="k", ls="--", lw=1, label=f"training eps {eps:.3g}")
+    ax.set_xlabel("Linf budget eps (pixel units in [0, 1])")
+    ax.set_ylabel("PGD accuracy (fraction)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("accuracy vs eps (must reach 0 at large eps)")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out, "accuracy_vs_eps")
+
+
+def _cmp_steps(items, out) -> list[Path]:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for it in items:
+        c = method_color(it["method"])
+        rows = read_csv(Path(it["path"]) / "accuracy_vs_steps.csv")
+        a1.plot(_col(rows, "steps"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"], color=c,
+                label=it["label"])
+        rows = read_csv(Path(it["path"]) / "accuracy_vs_restarts.csv")
+        a2.plot(_col(rows, "restarts"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"], color=c,
+                label=it["label"])
+    eps = items[0]["audit"]["eps"]
+    _log_x(a1, sorted({int(r["steps"]) for it in items
+                       for r in read_csv(Path(it["path"]) / "accuracy_vs_steps.csv")}))
+    a1.set_xlabel("PGD steps (log scale)")
+    a1.set_title(f"accuracy vs PGD steps (eps = {eps:.3g}; must plateau)")
+    a2.set_xlabel("random restarts")
+    a2.xaxis.get_major_locator().set_params(integer=True)
+    a2.set_title("accuracy vs restarts (must plateau)")
+    for ax in (a1, a2):
+        ax.set_ylabel("PGD accuracy (fraction)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out, "accuracy_vs_steps")
+
+
+AUDIT_SUMMARY_KEYS = ("clean_accuracy", "fgsm_accuracy", "pgd_accuracy", "fgsm_pgd_accuracy_gap",
+                      "gradient_alignment", "gradient_sign_agreement", "fgsm_pgd_perturbation_cosine",
+                      "fgsm_rfgsm_logit_distance", "fgsm_loss_nonmonotone", "boundary_distortion",
+                      "accuracy_at_large_eps", "zero_gradient_fraction", "autoattack_accuracy",
+                      "catastrophic_overfitting_epoch")
+
+
+def _audit_summary(items, out) -> Path:
+    rows = []
+    for it in items:
+        a = it["audit"]
+        failed = [c["name"] for c in a["checks"] if c["passed"] is False]
+        rows.append({"label": it["label"], "method": a["method"], "run": a["run"], "checkpoint": a["checkpoint"],
+                     "n_examples": a["n_examples"], "eps": a["eps"],
+                     **{k: a["summary"].get(k) for k in AUDIT_SUMMARY_KEYS},
+                     "masking": a["verdict"]["masking"], "failed_checks": " ".join(failed)})
+    path = out / "audit_summary.csv"
+    write_csv(path, rows)
+    return path
