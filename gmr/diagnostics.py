@@ -72,7 +72,7 @@ from torch import nn
 
 from . import attacks
 from .attacks import eval_mode, input_gradient, random_sign_like, _uniform_like
-from .probes import fgsm_rfgsm_logit_distance, gradient_alignment
+from .masking.probes import fgsm_rfgsm_logit_distance, gradient_alignment
 
 AUDIT_SCHEMA = "gmr.audit/1"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "audit.schema.json"

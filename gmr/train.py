@@ -30,7 +30,7 @@ from .data import BatchIterator, DataSpec, Split, dataset_info, list_datasets, l
 from .io import torch_save, write_json, write_text, read_json
 from .methods import METHODS, dataset_family, make_options, method_cost
 from .models import MODELS, create_model
-from .probes import fgsm_rfgsm_logit_distance, gradient_alignment
+from .masking.probes import fgsm_rfgsm_logit_distance, gradient_alignment
 
 RUN_SCHEMA = "gmr.run/1"
 

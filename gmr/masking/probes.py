@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attacks import eval_mode, input_gradient, random_sign_like, _uniform_like
+from ..attacks import eval_mode, input_gradient, random_sign_like, _uniform_like
 
 
 @torch.no_grad()
