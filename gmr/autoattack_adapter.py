@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import re
@@ -106,6 +105,11 @@ class AutoAttackConfig:
     def cascade(self) -> tuple[str, ...]:
         return tuple(self.attacks) if self.version == "custom" else VERSION_ATTACKS[self.version]
 
+    def record_params(self) -> dict[str, Any]:
+        """The `params` of the record entry: what, besides eps and seed, decides the result."""
+        return {"version": self.version, "norm": self.norm, "attacks": list(self.cascade()),
+                "apgd_restarts": self.apgd_restarts, "batch_size": self.batch_size}
+
     def identity(self, n: int) -> dict[str, Any]:
         """What a state file must match to be resumed."""
         return {"eps": float(self.eps), "norm": self.norm, "version": self.version,
@@ -138,8 +142,7 @@ class AutoAttackResult:
             "attacks_run": list(c.cascade()), "per_attack": dict(self.per_attack),
             "skipped": list(self.skipped), "clean_accuracy": self.clean_accuracy,
             "flags": list(self.flags), "seed": c.seed, "seconds": self.seconds, "resumed": self.resumed,
-            "params": {"version": c.version, "norm": c.norm, "attacks": list(c.cascade()),
-                       "apgd_restarts": c.apgd_restarts, "batch_size": c.batch_size},
+            "params": c.record_params(),
             "package": f"pyautoattack {pyautoattack_version()}",
         }
 
@@ -403,7 +406,3 @@ def _square_check(accs: dict[str, float]) -> str | None:
         logger.removeHandler(handler)
     return handler.flags[0] if handler.flags else None
 
-
-def config_from_dict(values: dict[str, Any]) -> AutoAttackConfig:
-    names = {f.name for f in dataclasses.fields(AutoAttackConfig)}
-    return AutoAttackConfig(**{k: v for k, v in values.items() if k in names})

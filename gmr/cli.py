@@ -47,28 +47,14 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    """Reject a value of the wrong type (e.g. `epochs: abc` in a YAML file) with one clear line."""
-    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
-    parts = [p.strip() for p in str(annotation).split("|")]
-    if not all(p in kinds for p in parts):
-        if parts[0].startswith("dict") and not isinstance(value, dict):
-            raise UsageError(f"option {name} must be a mapping of key: value, got {value!r}")
-        return
-    for p in parts:
-        if isinstance(value, kinds[p]) and not (p in ("int", "float") and isinstance(value, bool)):
-            return
-    raise UsageError(f"option {name} must be {' or '.join(parts)}, got {value!r}")
-
-
 def _build(cls, values: dict[str, Any]):
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
-    for name, value in values.items():
-        _check_type(name, value, fields[name])
-    return cls(**values)
+    """A config dataclass from YAML and command-line values, checked by its annotations."""
+    from .options import build
+
+    try:
+        return build(cls, values)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,6 +78,8 @@ def _add_train(sub) -> None:
     p.add_argument("--probe-pgd-steps", type=int); p.add_argument("--probe-pgd-step-size", type=float)
     p.add_argument("--data-root"); p.add_argument("--device"); p.add_argument("--threads", type=int)
     p.add_argument("--keep-epoch-checkpoints", action="store_true", default=None)
+    p.add_argument("--keep-resume-state", action="store_true", default=None,
+                   help="keep checkpoint.pt (optimizer momentum, RNG states) after the last epoch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -110,7 +98,7 @@ def _cmd_train(args) -> int:
             values[f.name] = v
     values["method_options"] = {**opts, **_key_values(args.opt)}
     cfg = _build(TrainConfig, values)
-    try:
+    try:  # everything the input can get wrong, before any work; train() checks it again for callers
         cfg.validate()
         ensure_writable_dir(args.out)
     except ValueError as err:
@@ -153,6 +141,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data-root")
     p.add_argument("--card", metavar="CARD.json", help="also write a RobustBench model card (needs autoattack)")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    p.add_argument("--reuse-from", metavar="EVAL.json",
+                   help="copy this evaluation of the run's other checkpoint instead of evaluating when the "
+                   "run's best epoch is its last and the settings match (a file not there yet: evaluate)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--out", required=True, help="result JSON file (.npz and AutoAttack state files beside it)")
     p.set_defaults(func=_cmd_evaluate)
@@ -194,79 +185,47 @@ def _eval_config(args):
     except ValueError:
         raise UsageError(f"--eps-list must be comma-separated numbers, got {','.join(args.eps_list)!r}") from None
     out = Path(args.out)
-    return EvalConfig(run=args.run, attacks=args.attacks, n_test=n, checkpoint=args.checkpoint, eps=args.eps,
-                      eps_list=eps_list, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                      data_root=args.data_root, attack_params=_attack_params(args.attack_param),
-                      restarts=args.restarts, transfer_from=args.transfer_from,
-                      transfer_checkpoint=args.transfer_checkpoint, transfer_attacks=args.transfer_attacks,
-                      aa_version=args.aa_version, aa_norm=args.aa_norm, aa_attacks=args.aa_attacks,
-                      state_prefix=str(out.with_name(out.stem)))
+    return _build(EvalConfig, dict(
+        run=args.run, attacks=args.attacks, n_test=n, checkpoint=args.checkpoint, eps=args.eps,
+        eps_list=eps_list, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        data_root=args.data_root, attack_params=_attack_params(args.attack_param), restarts=args.restarts,
+        transfer_from=args.transfer_from, transfer_checkpoint=args.transfer_checkpoint,
+        transfer_attacks=args.transfer_attacks, aa_version=args.aa_version, aa_norm=args.aa_norm,
+        aa_attacks=args.aa_attacks, state_prefix=str(out.with_name(out.stem)), threads=args.threads))
 
 
 def _cmd_evaluate(args) -> int:
-    import numpy as np
-
-    from . import autoattack_adapter
-    from .evaluate import evaluate
-    from .io import atomic_path, ensure_writable_file, write_json
+    from .evaluate import check_outputs, evaluate_to_file
 
     cfg = _eval_config(args)
-    try:
-        meta = cfg.validate()
-        out = ensure_writable_file(args.out)
-        card_path = ensure_writable_file(args.card) if args.card else None
-        if args.card and "autoattack" not in cfg.attacks:
-            raise ValueError("--card needs autoattack in --attacks (a RobustBench card reports AutoAttack accuracy)")
+    try:  # everything the input can get wrong, before any work (a damaged model file: RunError, exit 2)
+        cfg.validate()
+        out = check_outputs(cfg, args.out, args.card)
     except ValueError as err:
         raise UsageError(" ".join(str(err).split())) from None  # one line, whatever the cause says
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise UsageError(f"--threads must be positive, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     say = None if args.quiet else (lambda text: print(f"  {text}", flush=True))
-    record, correct = evaluate(cfg, progress=say)
-    npz = out.with_suffix(".npz")
-    with atomic_path(npz) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **correct)
-    record["per_example_file"] = npz.name
-    if card_path is not None:
-        from .report.cards import make_card
-
-        record["card_file"] = str(card_path)
-        write_json(card_path, make_card(record, meta))
-    write_json(out, record)
-    for state in cfg.state_paths(record["eps"]):  # finished: nothing left to resume
-        autoattack_adapter.remove_state(state)
+    record = evaluate_to_file(cfg, out, card=args.card, reuse_from=args.reuse_from, progress=say)
     summary = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in record["attacks"].items())
     if record["transfer"]:
         summary += "; transfer " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in record["transfer"].items())
     flags = record["attacks"].get("autoattack", {}).get("flags", [])
     print(f"{args.run} ({args.checkpoint}, n={record['n_examples']}, eps {record['eps']:g}): {summary}; "
           f"worst case {record['worst_case']['accuracy']:.3f}"
-          + (f"; AutoAttack flags: {len(flags)}" if flags else "") + f" -> {out}")
+          + (f"; AutoAttack flags: {len(flags)}" if flags else "")
+          + (f"; reused {record['reused_from']}" if "reused_from" in record else "") + f" -> {out}")
     return 0
 
 
 def _cmd_card(args) -> int:
-    from .report.cards import CardError, card_from_files
-    from .io import ensure_writable_file, write_json
+    from .report.cards import CardError, write_card
 
     try:
-        if not Path(args.eval_json).is_file():
-            raise ValueError(f"--eval {args.eval_json}: no such file")
-        if args.run is not None and not (Path(args.run) / "run.json").is_file():
-            raise ValueError(f"--run {args.run} is not a finished run directory (no run.json)")
-        out = ensure_writable_file(args.out)
-        card = card_from_files(args.eval_json, args.run, args.name)
+        card = write_card(args.eval_json, args.out, args.run, args.name)
     except CardError as err:
         raise UsageError(f"{args.eval_json}: {err}") from None
-    except (ValueError, KeyError) as err:
-        raise UsageError(f"{args.eval_json} is not a `gmr evaluate` result: {err}") from None
-    write_json(out, card)
-    print(f"{card['name']}: clean {card['clean_acc']}%, AutoAttack {card['autoattack_acc']}% -> {out}")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"{card['name']}: clean {card['clean_acc']}%, AutoAttack {card['autoattack_acc']}% -> {args.out}")
     return 0
 
 
@@ -355,7 +314,7 @@ def _add_diagnose(sub) -> None:
     p.add_argument("--n-test", type=int, default=500, help="first n test points (default 500)")
     p.add_argument("--n-curve", type=int, help="points for the sanity curves (default 200)")
     p.add_argument("--eval", dest="eval_json", metavar="EVAL.json",
-                   help="`gmr evaluate` result of this run (AutoAttack flags and breakdown)")
+                   help="`gmr evaluate` result of this run (same run_id; AutoAttack flags and breakdown)")
     p.add_argument("--transfer-from", metavar="SOURCE_RUN", help="run whose PGD examples are transferred")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -371,8 +330,7 @@ def _add_diagnose(sub) -> None:
 
 
 def _cmd_diagnose(args) -> int:
-    from .diagnostics import DiagnoseConfig, ProbeSettings, diagnose, write_diagnosis
-    from .io import ensure_writable_dir, write_json
+    from .masking.audit import DiagnoseConfig, ProbeSettings, write_audit
 
     settings = ProbeSettings.quick() if args.quick else ProbeSettings()
     if args.n_curve is not None:
@@ -384,43 +342,20 @@ def _cmd_diagnose(args) -> int:
                          device=args.device, data_root=args.data_root, threads=args.threads,
                          settings=settings)
     try:
-        cfg.validate()
-        out = ensure_writable_dir(args.out)
-        from .cost import pick_device
-        from .evaluate import load_run_model
-        load_run_model(args.run, args.checkpoint, pick_device("cpu"))  # a corrupt checkpoint fails here
+        audit = write_audit(cfg, args.out, audit_only=args.audit_only)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    from .report.audit_figures import diagnosis_figures
-
-    if args.audit_only:
-        from .diagnostics import reaudit
-        try:
-            diag = reaudit(out, args.eval_json)
-            if Path(diag.audit["run"]).resolve() != Path(args.run).resolve():
-                raise ValueError(f"{out}/audit.json audits {diag.audit['run']}, not --run {args.run}")
-            if diag.audit["checkpoint"] != args.checkpoint:
-                raise ValueError(f"{out}/audit.json audits the {diag.audit['checkpoint']} checkpoint, "
-                                 f"not --checkpoint {args.checkpoint}")
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-    else:
-        diag = diagnose(cfg)
-    written = write_diagnosis(diag, out)
-    figures = diagnosis_figures(out)
-    diag.audit["files"] = sorted(p.name for p in written + figures if p.name != "audit.json")
-    write_json(out / "audit.json", diag.audit)
-    s, v = diag.audit["summary"], diag.audit["verdict"]
-    print(f"{args.run} ({args.checkpoint}, n={diag.audit['n_examples']}): clean {s['clean_accuracy']:.3f}, "
+    s, v = audit["summary"], audit["verdict"]
+    print(f"{args.run} ({args.checkpoint}, n={audit['n_examples']}): clean {s['clean_accuracy']:.3f}, "
           f"fgsm {s['fgsm_accuracy']:.3f}, pgd {s['pgd_accuracy']:.3f}, alignment {s['gradient_alignment']:.3f}; "
-          f"masking: {v['masking']} -> {out}/audit.json")
+          f"masking: {v['masking']} -> {Path(args.out) / 'audit.json'}")
     return 0
 
 
 def _add_plots(sub) -> None:
     p = sub.add_parser("plots", help="comparison figures across runs",
                        description="Draw training curves, robust accuracy vs cost and, from `gmr diagnose` "
-                       "folders, loss surfaces, accuracy vs eps and vs steps side by side.")
+                       "folders, loss surfaces, accuracy vs eps and vs steps side by side (see gmr/report/plots.py).")
     p.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="run directories")
     p.add_argument("--out", required=True, help="output folder for the figures")
     p.add_argument("--diagnostics", nargs="*", default=[], metavar="DIR", help="`gmr diagnose` folders")
@@ -429,29 +364,13 @@ def _add_plots(sub) -> None:
 
 
 def _cmd_plots(args) -> int:
-    from .io import ensure_writable_dir, read_json
-
-    try:
-        for run in args.runs:
-            if not (Path(run) / "run.json").is_file():
-                raise ValueError(f"{run} is not a finished run directory (no run.json)")
-        for d in args.diagnostics:
-            if not (Path(d) / "audit.json").is_file():
-                raise ValueError(f"{d} is not a `gmr diagnose` folder (no audit.json)")
-        for e in args.evals:
-            try:
-                record = read_json(e)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"evaluation file {e} cannot be read: {err}") from None
-            if not isinstance(record, dict) or "attacks" not in record:
-                raise ValueError(f"{e} is not a `gmr evaluate` result (no 'attacks')")
-        out = ensure_writable_dir(args.out)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     from .report.plots import comparison_figures
 
-    written = comparison_figures(args.runs, out, args.diagnostics, args.evals)
-    print(f"{len(written)} files -> {out}: " + ", ".join(sorted({p.stem for p in written})))
+    try:
+        written = comparison_figures(args.runs, args.out, args.diagnostics, args.evals)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"{len(written)} files -> {args.out}: " + ", ".join(sorted({p.stem for p in written})))
     return 0
 
 
@@ -467,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tables(sub) -> None:
-    p = sub.add_parser("tables", help="robustness, reference, cost and masking tables from result files",
-                       description="Write robustness_<dataset>, reference, cost and masking tables as CSV, "
-                       "Markdown, LaTeX and HTML into --out (see gmr/tables.py).")
+    p = sub.add_parser("tables", help="every registered table (robustness, reference, cost, masking, ...)",
+                       description="Write every table registered in gmr/report/tables.py as CSV, Markdown, "
+                       "LaTeX, HTML and a report caption (.rst) into --out.")
     p.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR", help="run directories (`gmr train`)")
     p.add_argument("--evals", nargs="*", default=[], metavar="EVAL.json", help="`gmr evaluate` results")
     p.add_argument("--audits", nargs="*", default=[], metavar="AUDIT.json",
@@ -479,16 +398,13 @@ def _add_tables(sub) -> None:
 
 
 def _cmd_tables(args) -> int:
-    from .io import ensure_writable_dir
-    from .report.tables import TableInputError, build_tables, write_tables
+    from .report.tables import make_tables
 
     try:
-        out = ensure_writable_dir(args.out)
-        tables = build_tables(args.runs, args.evals, args.audits)
-    except (TableInputError, ValueError) as err:
+        names, written = make_tables(args.runs, args.evals, args.audits, args.out)
+    except ValueError as err:
         raise UsageError(str(err)) from None
-    written = write_tables(tables, out)
-    print(f"{len(tables)} tables ({', '.join(tables)}) x csv/md/tex/html -> {out} ({len(written)} files)")
+    print(f"{len(names)} tables ({', '.join(names)}) -> {args.out} ({len(written)} files)")
     return 0
 
 
@@ -498,13 +414,14 @@ SUBCOMMANDS.append(_add_tables)
 def main(argv: list[str] | None = None) -> int:
     from .data import DataUnavailableError
     from .registry import UnknownNameError
+    from .runs import RunError
     from .train import RunConflict, TrainingDiverged
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, UnknownNameError, RunConflict) as err:
+    except (UsageError, UnknownNameError, RunConflict, RunError) as err:
         print(f"gmr {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (DataUnavailableError, TrainingDiverged) as err:

@@ -9,20 +9,28 @@ per-example correctness of every attack, so the worst case over attacks is exact
 - transfer attacks crafted on another run's model (`transfer_from`);
 - an eps sweep of every attack asked for (`eps_list`).
 
+`evaluate_to_file` is what `gmr evaluate` calls: it writes the record, its .npz and optionally a model
+card, each once, or copies an evaluation of the same weights (`reuse_from`) without loading the model.
+Every record names the `run_id` it measured (transfer entries also the source's `source_run_id`).
+
 The model stays in eval mode and fp32 throughout; clean accuracy is always measured (it bounds every
 robust accuracy and enters the worst case).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import math
 import platform
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -31,16 +39,21 @@ from . import attacks
 from . import autoattack_adapter as aa
 from .cost import device_facts, pick_device
 from .data import DataSpec, Split, dataset_info, load_split
-from .io import read_json
-from .models import create_model
-from .train import load_weights
+from .io import atomic_path, ensure_writable_file, read_json, write_json
+from .options import NonNegativeFloat, PositiveFloat, PositiveInt, check, convert_values, field_types
+from .runs import RunDir
 
 EVAL_SCHEMA = "gmr.eval/1"
 NON_ATTACKS = ("clean",)
 AUTOATTACK = "autoattack"
 TRANSFER_ATTACKS = ("fgsm", "rfgsm", "pgd")
 RESTART_ATTACKS = ("pgd", "pgd_cw")  # --restarts applies to these; pgd_50_10 keeps its 10
+CHECKPOINTS = Literal["best", "last"]
 _SIGNATURE_SKIP = {"model", "x", "y", "eps", "generator"}
+# What a parameter of that name may hold, whichever attack takes it (the attack's signature gives the
+# names, defaults and the plain types; these add the value checks).
+_PARAM_TYPES = {"steps": PositiveInt, "restarts": PositiveInt, "step_size": PositiveFloat,
+                "alpha": NonNegativeFloat, "loss": Literal["ce", "cw"]}
 
 
 def list_attacks() -> list[str]:
@@ -51,31 +64,29 @@ def whitebox_attacks() -> list[str]:
     return attacks.ATTACKS.names()
 
 
+@lru_cache(maxsize=None)
+def attack_params_type(name: str) -> type:
+    """The parameters of attack `name` as a dataclass for `gmr.options`: names, defaults and types from
+    the attack function's signature (besides model, x, y, eps and its generator), value checks from
+    `_PARAM_TYPES`."""
+    fn = attacks.ATTACKS.get(name).fn
+    hints = typing.get_type_hints(fn, include_extras=True)
+    fields = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in _SIGNATURE_SKIP:
+            continue
+        tp = hints.get(p.name, Any)
+        if p.name in _PARAM_TYPES:
+            optional = type(None) in typing.get_args(tp)
+            tp = typing.Optional[_PARAM_TYPES[p.name]] if optional else _PARAM_TYPES[p.name]
+        default = {} if p.default is inspect.Parameter.empty else {"default": p.default}
+        fields.append((p.name, tp, field(**default)))
+    return dataclasses.make_dataclass(f"{name}_params", fields)
+
+
 def attack_param_names(name: str) -> list[str]:
     """The parameters an attack takes besides model, x, y, eps and its random generator."""
-    fn = attacks.ATTACKS.get(name).fn
-    return [p for p in inspect.signature(fn).parameters if p not in _SIGNATURE_SKIP]
-
-
-def _check_param(attack: str, key: str, value: Any) -> None:
-    def fail(what: str):
-        raise ValueError(f"attack parameter {attack}.{key} must be {what}, got {value!r}")
-
-    if key in ("steps", "restarts"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            fail("an integer >= 1")
-    elif key in ("step_size", "alpha"):
-        if value is None and key == "step_size" and attack == "ifgsm":
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < 0 or (key == "step_size" and value == 0):
-            fail("a positive number" if key == "step_size" else "a number >= 0")
-    elif key == "loss":
-        if value not in ("ce", "cw"):
-            fail("ce or cw")
-    elif key == "random_start":
-        if not isinstance(value, bool):
-            fail("true or false")
+    return list(field_types(attack_params_type(name)))
 
 
 def resolve_params(name: str, dataset: str, overrides: dict[str, dict[str, Any]],
@@ -113,36 +124,57 @@ def package_versions() -> dict[str, str | None]:
 class EvalConfig:
     run: str
     attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd"])
-    n_test: int | None = 1000           # first n test points in order; None: the whole test set
-    checkpoint: str = "best"            # best (the paper's selection) or last
+    n_test: PositiveInt | None = 1000   # first n test points in order; None: the whole test set
+    checkpoint: CHECKPOINTS = "best"    # best (the paper's selection) or last
     eps: float | None = None            # None: the eps the run was trained with (Linf)
     eps_list: list[float] = field(default_factory=list)   # extra budgets for every attack asked for
-    batch_size: int = 500
+    batch_size: PositiveInt = 500
     seed: int = 0                       # every attack is seeded with it on its own
     device: str = "auto"
     data_root: str | None = None        # None: the run's own data root
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"pgd": {"steps": 200}}
-    restarts: int | None = None         # restarts of pgd and pgd_cw (overrides their default of 1)
+    restarts: PositiveInt | None = None  # restarts of pgd and pgd_cw (overrides their default of 1)
     transfer_from: str | None = None    # source run whose model crafts the transfer examples
-    transfer_checkpoint: str = "best"
+    transfer_checkpoint: CHECKPOINTS = "best"
     transfer_attacks: list[str] = field(default_factory=lambda: list(TRANSFER_ATTACKS))
     aa_version: str = "standard"        # AutoAttack: standard (RobustBench), plus, custom
     aa_norm: str = "Linf"               # Linf or L2 (L2: --eps is the L2 radius; AutoAttack only)
     aa_attacks: list[str] | None = None  # custom version: the cascade
     state_prefix: str | None = None     # AutoAttack state files `<prefix>.aa-eps<eps>.state.json` (resume)
+    threads: PositiveInt | None = None  # torch CPU threads, set before any torch work
 
     # ----------------------------------------------------------------------------------------------
+    def validate(self) -> dict:
+        """Check everything before any work starts (the models are not loaded: `evaluate` loads each
+        once); return the run's run.json. Raises ValueError."""
+        check(self)
+        self._check_attacks()
+        if self.eps is not None:
+            self._check_eps(self.eps, "eps")
+        for e in self.eps_list:
+            self._check_eps(e, "every --eps-list value")
+        self._check_autoattack()
+        meta = RunDir(self.run).require(self.checkpoint, "--run")
+        dataset = meta["config"]["dataset"]
+        if self.transfer_from is not None:
+            source = RunDir(self.transfer_from).require(self.transfer_checkpoint, "--transfer-from")
+            if source["config"]["dataset"] != dataset:
+                raise ValueError(f"--transfer-from {self.transfer_from} was trained on "
+                                 f"{source['config']['dataset']}, the target on {dataset}")
+        n_total = dataset_info(dataset).test_size
+        if self.n_test is not None and self.n_test > n_total:
+            raise ValueError(f"n_test {self.n_test} is larger than the {n_total} test points of {dataset}")
+        pick_device(self.device)
+        return meta
+
     def _check_eps(self, eps: float, what: str) -> None:
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
-            raise ValueError(f"{what} must be a number, got {eps!r}")
         if self.aa_norm == "L2":
-            if eps < 0:
+            if not eps >= 0 or not math.isfinite(eps):
                 raise ValueError(f"{what} (an L2 radius) must be >= 0, got {eps}")
         elif not 0 <= eps <= 1:
             raise ValueError(f"{what} must be in [0, 1] (Linf, pixel units; 8/255 = {8 / 255:.4f}), got {eps}")
 
-    def validate(self) -> dict:
-        """Check everything before any work starts; return the run's run.json. Raises ValueError."""
+    def _check_attacks(self) -> None:
         valid = list_attacks()
         if not self.attacks:
             raise ValueError("no attack given; pass --attacks, e.g. clean,fgsm,pgd")
@@ -155,27 +187,15 @@ class EvalConfig:
             if name not in whitebox_attacks():
                 raise ValueError(f"--attack-param for unknown attack {name!r}; attacks with parameters: "
                                  f"{', '.join(whitebox_attacks())}")
-            names = attack_param_names(name)
-            for key, value in params.items():
-                if key not in names:
-                    raise ValueError(f"unknown parameter {key!r} of attack {name}; valid: {', '.join(names) or 'none'}")
-                _check_param(name, key, value)
-        if self.restarts is not None and (isinstance(self.restarts, bool) or self.restarts < 1):
-            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
-        for name, value in (("checkpoint", self.checkpoint), ("transfer checkpoint", self.transfer_checkpoint)):
-            if value not in ("best", "last"):
-                raise ValueError(f"{name} must be best or last, got {value!r}")
-        if self.eps is not None:
-            self._check_eps(self.eps, "eps")
-        for e in self.eps_list:
-            self._check_eps(e, "every --eps-list value")
-        if self.n_test is not None and self.n_test <= 0:
-            raise ValueError(f"n_test must be positive, got {self.n_test}")
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        whitebox = [a for a in self.attacks if a in whitebox_attacks()]
+            convert_values(attack_params_type(name), params, kind="parameter", owner="attack", scope=name)
+        if self.transfer_from is not None:
+            for name in self.transfer_attacks:
+                if name not in whitebox_attacks():
+                    raise ValueError(f"unknown transfer attack {name!r}; valid: {', '.join(whitebox_attacks())}")
+
+    def _check_autoattack(self) -> None:
         if self.aa_norm == "L2":
-            if whitebox or self.transfer_from:
+            if any(a in whitebox_attacks() for a in self.attacks) or self.transfer_from:
                 raise ValueError("L2 AutoAttack cannot share an evaluation with the Linf white-box or transfer "
                                  "attacks; evaluate them in separate calls")
             if self.eps is None:
@@ -184,23 +204,10 @@ class EvalConfig:
             self.autoattack_config(self.eps if self.eps is not None else 0.0, "cpu").validate()
         if AUTOATTACK in self.attacks:
             aa.check_installed()
-        meta = _check_run(self.run, self.checkpoint, "--run")
-        if self.transfer_from is not None:
-            for name in self.transfer_attacks:
-                if name not in whitebox_attacks():
-                    raise ValueError(f"unknown transfer attack {name!r}; valid: {', '.join(whitebox_attacks())}")
-            source = _check_run(self.transfer_from, self.transfer_checkpoint, "--transfer-from")
-            if source["config"]["dataset"] != meta["config"]["dataset"]:
-                raise ValueError(f"--transfer-from {self.transfer_from} was trained on "
-                                 f"{source['config']['dataset']}, the target on {meta['config']['dataset']}")
-        n_total = _test_size(meta["config"]["dataset"])
-        if self.n_test is not None and n_total is not None and self.n_test > n_total:
-            raise ValueError(f"n_test {self.n_test} is larger than the {n_total} test points of "
-                             f"{meta['config']['dataset']}")
-        pick_device(self.device)
-        if self.eps is None:
-            self._check_eps(meta["eps"], "the run's eps")
-        return meta
+
+    def asked(self) -> list[str]:
+        """The attacks to run besides clean, each once, in the order given."""
+        return [a for a in dict.fromkeys(self.attacks) if a not in NON_ATTACKS]
 
     def autoattack_config(self, eps: float, device) -> aa.AutoAttackConfig:
         return aa.AutoAttackConfig(
@@ -219,51 +226,8 @@ class EvalConfig:
         return [p for p in (self.state_path(e) for e in dict.fromkeys(epss)) if p is not None]
 
 
-def _test_size(dataset: str) -> int | None:
-    return {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "cifar100": 10000,
-            "svhn": 26032}.get(dataset)
-
-
-def _check_run(run: str | Path, checkpoint: str, what: str) -> dict:
-    """run.json of a finished run whose checkpoint loads into its model; ValueError otherwise."""
-    run = Path(run)
-    if not run.is_dir():
-        raise ValueError(f"{what} {run}: no such run directory")
-    if not (run / "run.json").exists():
-        raise ValueError(f"{what} {run} is not a finished run directory (no run.json); "
-                         f"train it with `gmr train --out {run}`")
-    try:
-        meta = read_json(run / "run.json")
-        cfg = meta["config"]
-        cfg["model"], cfg["dataset"], meta["eps"]
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{what} {run}/run.json is not a gmr run record") from None
-    path = run / f"model_{checkpoint}.pt"
-    if not path.exists():
-        raise ValueError(f"{what} {run} has no model_{checkpoint}.pt; the run is incomplete")
-    _load_model(run, checkpoint, meta, torch.device("cpu"))  # a corrupt checkpoint fails here
-    return meta
-
-
-def _load_model(run: Path, checkpoint: str, meta: dict, device) -> tuple[torch.nn.Module, int | None]:
-    cfg = meta["config"]
-    weights = load_weights(Path(run) / f"model_{checkpoint}.pt")
-    model = create_model(cfg["model"], cfg["dataset"])
-    try:
-        model.load_state_dict(weights["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise ValueError(f"{run}/model_{checkpoint}.pt does not fit model {cfg['model']}: {str(err)[:200]}") from None
-    return model.float().to(device).eval(), weights.get("epoch")
-
-
-def load_run_model(run: str | Path, checkpoint: str, device) -> tuple[torch.nn.Module, dict]:
-    """The model of a run directory (model_best.pt or model_last.pt) in eval mode, and its run.json."""
-    meta = read_json(Path(run) / "run.json")
-    model, _ = _load_model(Path(run), checkpoint, meta, device)
-    return model, meta
-
-
 # --------------------------------------------------------------------------------------------------
+# Attacking
 
 def _batches(n: int, size: int):
     return (slice(lo, min(lo + size, n)) for lo in range(0, n, size))
@@ -308,100 +272,242 @@ def _eps_key(eps: float) -> str:
     return f"eps{eps:.6g}"
 
 
-def evaluate(cfg: EvalConfig, progress=None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Run the evaluation; returns the result record and the per-example correctness arrays.
-
-    `progress`, if given, is called with one line of text as each attack finishes.
-    """
-    say = progress or (lambda text: None)
-    meta = cfg.validate()
-    started = time.perf_counter()
-    device = pick_device(cfg.device)
-    run_cfg = meta["config"]
-    dataset = run_cfg["dataset"]
-    model, ckpt_epoch = _load_model(Path(cfg.run), cfg.checkpoint, meta, device)
-    eps = float(cfg.eps if cfg.eps is not None else meta["eps"])
-    spec = DataSpec(dataset, Path(cfg.data_root or run_cfg["data_root"]), n_test=cfg.n_test)
-    x, y = load_split(spec, Split.TEST)
-    n = len(y)
-
-    correct: dict[str, np.ndarray] = {}
-    results: dict[str, dict] = {}
-    t0 = time.perf_counter()
-    correct["clean"] = predict_correct(model, x, y, cfg.batch_size, device)
-    results["clean"] = _entry("clean", correct["clean"], 0.0, {}, cfg.seed, time.perf_counter() - t0, "clean")
-    say(f"clean {results['clean']['accuracy']:.4f}")
-
-    def run_one(name: str, e: float, key: str) -> dict:
-        if name == AUTOATTACK:
-            res = aa.run_autoattack(model, x, y, cfg.autoattack_config(e, device), state_path=cfg.state_path(e))
-            correct[key] = res.robust
-            entry = res.to_record()
-            entry["per_example"] = key
-            return entry
-        params = resolve_params(name, dataset, cfg.attack_params, cfg.restarts, e)
-        t = time.perf_counter()
-        ok, _ = attack_correct(model, x, y, name, e, params, cfg.seed, cfg.batch_size, device)
-        correct[key] = ok
-        return _entry(name, ok, e, params, cfg.seed, time.perf_counter() - t, key)
-
-    asked = [a for a in dict.fromkeys(cfg.attacks) if a not in NON_ATTACKS]
-    for name in asked:
-        results[name] = run_one(name, eps, name)
-        say(f"{name} {results[name]['accuracy']:.4f} ({results[name]['seconds']:.1f}s)")
-
-    transfer: dict[str, dict] = {}
-    if cfg.transfer_from is not None:
-        source, source_meta = load_run_model(cfg.transfer_from, cfg.transfer_checkpoint, device)
-        for name in dict.fromkeys(cfg.transfer_attacks):
-            params = resolve_params(name, dataset, cfg.attack_params, cfg.restarts, eps)
-            t = time.perf_counter()
-            ok, ok_src = attack_correct(model, x, y, name, eps, params, cfg.seed, cfg.batch_size, device,
-                                        source=source)
-            key = f"transfer_{name}"
-            correct[key] = ok
-            entry = _entry(name, ok, eps, params, cfg.seed, time.perf_counter() - t, key)
-            entry.update(source_run=str(cfg.transfer_from), source_checkpoint=cfg.transfer_checkpoint,
-                         source_method=source_meta["config"]["method"], source_model=source_meta["config"]["model"],
-                         source_train_seed=source_meta["config"]["seed"],
-                         source_accuracy=float(ok_src.mean()) if n else 0.0)
-            transfer[name] = entry
-            say(f"transfer {name} from {cfg.transfer_from}: {entry['accuracy']:.4f}")
-
-    sweep: list[dict] = []
-    for e in dict.fromkeys(float(v) for v in cfg.eps_list):
-        for name in asked:
-            if e == eps:  # the main evaluation already measured it
-                entry = dict(results[name])
-            else:
-                entry = run_one(name, e, f"{_eps_key(e)}_{name}")
-            sweep.append({k: entry[k] for k in _SWEEP_KEYS if k in entry})
-            say(f"eps {e:g} {name} {entry['accuracy']:.4f}")
-
-    over = ["clean"] + asked + [f"transfer_{t}" for t in transfer]
-    worst = np.logical_and.reduce([correct[k] for k in over])  # derivable from the npz: not stored
-    wb_over = ["clean"] + [a for a in asked if a != AUTOATTACK]
-    wb_worst = np.logical_and.reduce([correct[k] for k in wb_over])
-    record = {
-        "schema": EVAL_SCHEMA, "run": str(cfg.run), "checkpoint": cfg.checkpoint, "checkpoint_epoch": ckpt_epoch,
-        "method": run_cfg["method"], "dataset": dataset, "model": run_cfg["model"],
-        "train_seed": run_cfg["seed"], "train_eps": meta["eps"], "seed": cfg.seed, "n_examples": n,
-        "eps": eps, "norm": cfg.aa_norm, "batch_size": cfg.batch_size,
-        "test_points": f"first {n} of the {dataset} test set, in order",
-        "attacks": results,
-        "worst_case": {"accuracy": float(worst.mean()) if n else 0.0, "n_correct": int(worst.sum()),
-                       "n_examples": n, "eps": eps, "over": over,
-                       "whitebox_accuracy": float(wb_worst.mean()) if n else 0.0, "whitebox_over": wb_over},
-        "transfer": transfer,
-        "eps_sweep": sweep,
-        "versions": package_versions(),
-        **device_facts(device),
-        "platform": platform.platform(),
-        "seconds": time.perf_counter() - started,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return record, correct
+def _fraction(ok: np.ndarray) -> float:
+    return float(ok.mean()) if len(ok) else 0.0
 
 
 _SWEEP_KEYS = ("eps", "attack", "accuracy", "n_correct", "n_examples", "params", "seed", "seconds",
                "per_example", "per_attack", "flags", "version", "norm")
+
+
+class _Evaluation:
+    """One evaluation in progress: the model, the test points, and the per-example correctness of
+    every entry measured so far (`correct`, keyed as the record's `per_example` keys)."""
+
+    def __init__(self, cfg: EvalConfig, meta: dict, model, device, say: Callable[[str], None]):
+        self.cfg, self.meta, self.model, self.device, self.say = cfg, meta, model, device, say
+        self.dataset = meta["config"]["dataset"]
+        self.eps = float(cfg.eps if cfg.eps is not None else meta["eps"])
+        spec = DataSpec(self.dataset, Path(cfg.data_root or meta["config"]["data_root"]), n_test=cfg.n_test)
+        self.x, self.y = load_split(spec, Split.TEST)
+        self.correct: dict[str, np.ndarray] = {}
+
+    def attack(self, name: str, eps: float, key: str) -> dict:
+        """One attack at one budget: its record entry; its correctness goes to `correct[key]`."""
+        cfg = self.cfg
+        if name == AUTOATTACK:
+            res = aa.run_autoattack(self.model, self.x, self.y, cfg.autoattack_config(eps, self.device),
+                                    state_path=cfg.state_path(eps))
+            self.correct[key] = res.robust
+            return {**res.to_record(), "per_example": key}
+        params = resolve_params(name, self.dataset, cfg.attack_params, cfg.restarts, eps)
+        t = time.perf_counter()
+        ok, _ = attack_correct(self.model, self.x, self.y, name, eps, params, cfg.seed, cfg.batch_size,
+                               self.device)
+        self.correct[key] = ok
+        return _entry(name, ok, eps, params, cfg.seed, time.perf_counter() - t, key)
+
+    def main_attacks(self) -> dict[str, dict]:
+        """Clean accuracy, then every attack asked for at the main budget."""
+        t0 = time.perf_counter()
+        self.correct["clean"] = predict_correct(self.model, self.x, self.y, self.cfg.batch_size, self.device)
+        results = {"clean": _entry("clean", self.correct["clean"], 0.0, {}, self.cfg.seed,
+                                   time.perf_counter() - t0, "clean")}
+        self.say(f"clean {results['clean']['accuracy']:.4f}")
+        for name in self.cfg.asked():
+            results[name] = self.attack(name, self.eps, name)
+            self.say(f"{name} {results[name]['accuracy']:.4f} ({results[name]['seconds']:.1f}s)")
+        return results
+
+    def transfer(self, source, source_meta: dict) -> dict[str, dict]:
+        """Examples crafted on the source model, scored on this model (and on the source)."""
+        cfg, transfer = self.cfg, {}
+        for name in dict.fromkeys(cfg.transfer_attacks):
+            params = resolve_params(name, self.dataset, cfg.attack_params, cfg.restarts, self.eps)
+            t = time.perf_counter()
+            ok, ok_src = attack_correct(self.model, self.x, self.y, name, self.eps, params, cfg.seed,
+                                        cfg.batch_size, self.device, source=source)
+            key = f"transfer_{name}"
+            self.correct[key] = ok
+            entry = _entry(name, ok, self.eps, params, cfg.seed, time.perf_counter() - t, key)
+            src = source_meta["config"]
+            entry.update(source_run=str(cfg.transfer_from), source_run_id=source_meta["run_id"],
+                         source_checkpoint=cfg.transfer_checkpoint, source_method=src["method"],
+                         source_model=src["model"], source_train_seed=src["seed"],
+                         source_accuracy=_fraction(ok_src))
+            transfer[name] = entry
+            self.say(f"transfer {name} from {cfg.transfer_from}: {entry['accuracy']:.4f}")
+        return transfer
+
+    def eps_sweep(self, results: dict[str, dict]) -> list[dict]:
+        """Every attack asked for at every budget of `eps_list` (the main budget is not run again)."""
+        sweep = []
+        for e in dict.fromkeys(float(v) for v in self.cfg.eps_list):
+            for name in self.cfg.asked():
+                entry = dict(results[name]) if e == self.eps else self.attack(name, e, f"{_eps_key(e)}_{name}")
+                sweep.append({k: entry[k] for k in _SWEEP_KEYS if k in entry})
+                self.say(f"eps {e:g} {name} {entry['accuracy']:.4f}")
+        return sweep
+
+    def worst_case(self, transfer: dict) -> dict:
+        """Exact per-example worst case over every entry, and over clean and our white-box attacks."""
+        asked = self.cfg.asked()
+        over = ["clean"] + asked + [f"transfer_{t}" for t in transfer]
+        worst = np.logical_and.reduce([self.correct[k] for k in over])  # derivable from the npz: not stored
+        wb_over = ["clean"] + [a for a in asked if a != AUTOATTACK]
+        wb_worst = np.logical_and.reduce([self.correct[k] for k in wb_over])
+        return {"accuracy": _fraction(worst), "n_correct": int(worst.sum()), "n_examples": len(self.y),
+                "eps": self.eps, "over": over, "whitebox_accuracy": _fraction(wb_worst), "whitebox_over": wb_over}
+
+    def record(self, results: dict, transfer: dict, sweep: list, epoch: int | None, started: float) -> dict:
+        cfg, run_cfg, n = self.cfg, self.meta["config"], len(self.y)
+        return {
+            "schema": EVAL_SCHEMA, "run": str(cfg.run), "run_id": self.meta["run_id"],
+            "checkpoint": cfg.checkpoint, "checkpoint_epoch": epoch,
+            "method": run_cfg["method"], "dataset": self.dataset, "model": run_cfg["model"],
+            "train_seed": run_cfg["seed"], "train_eps": self.meta["eps"], "seed": cfg.seed, "n_examples": n,
+            "eps": self.eps, "norm": cfg.aa_norm, "batch_size": cfg.batch_size,
+            "test_points": f"first {n} of the {self.dataset} test set, in order",
+            "attacks": results, "worst_case": self.worst_case(transfer), "transfer": transfer,
+            "eps_sweep": sweep, "versions": package_versions(), **device_facts(self.device),
+            "platform": platform.platform(), "seconds": time.perf_counter() - started,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def evaluate(cfg: EvalConfig, progress: Callable[[str], None] | None = None
+             ) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run the evaluation; returns the result record and the per-example correctness arrays.
+
+    `progress`, if given, is called with one line of text as each attack finishes.
+    """
+    return _evaluate(cfg, cfg.validate(), progress or (lambda text: None))
+
+
+def _evaluate(cfg: EvalConfig, meta: dict, say: Callable[[str], None]) -> tuple[dict, dict[str, np.ndarray]]:
+    started = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    model, _, epoch = RunDir(cfg.run).load_model(cfg.checkpoint, device, meta)
+    source = None
+    if cfg.transfer_from is not None:  # loaded before any attack: a damaged file stops the work early
+        source, source_meta, _ = RunDir(cfg.transfer_from).load_model(cfg.transfer_checkpoint, device)
+    ev = _Evaluation(cfg, meta, model, device, say)
+    results = ev.main_attacks()
+    transfer = ev.transfer(source, source_meta) if source is not None else {}
+    sweep = ev.eps_sweep(results)
+    return ev.record(results, transfer, sweep, epoch, started), ev.correct
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: the record, its per-example arrays, the model card; reuse of an evaluation of the same weights
+
+def check_outputs(cfg: EvalConfig, out: str | Path, card: str | Path | None = None) -> Path:
+    """Raise ValueError when the result (or the card) cannot be written; return the result path."""
+    out = ensure_writable_file(out)
+    if card is not None:
+        ensure_writable_file(card)
+        if AUTOATTACK not in cfg.attacks:
+            raise ValueError("--card needs autoattack in --attacks (a RobustBench card reports AutoAttack accuracy)")
+    return out
+
+
+def evaluate_to_file(cfg: EvalConfig, out: str | Path, card: str | Path | None = None,
+                     reuse_from: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Evaluate and write `out` (the record), its .npz and optionally the model card `card`, each once;
+    remove the AutoAttack state files once done. Return the record.
+
+    With `reuse_from`: when that file is an evaluation of the same run and settings for the other
+    checkpoint and the run's best epoch is its last (the same weights), copy it instead of evaluating
+    (the model is not loaded); otherwise, or when the file does not exist yet, evaluate.
+    """
+    say = progress or (lambda text: None)
+    meta = cfg.validate()
+    out = check_outputs(cfg, out, card)
+    reused = reusable_evaluation(cfg, meta, Path(reuse_from)) if reuse_from is not None else "not asked"
+    if isinstance(reused, str):
+        if reuse_from is not None:
+            say(f"not reusing {reuse_from}: {reused}")
+        reused = _evaluate(cfg, meta, say)
+    record, correct = reused
+    _write_outputs(record, correct, out, card, meta)
+    for state in cfg.state_paths(record["eps"]):  # finished: nothing left to resume
+        aa.remove_state(state)
+    return record
+
+
+def _write_outputs(record: dict, correct: dict[str, np.ndarray], out: Path, card, meta: dict) -> None:
+    npz = out.with_suffix(".npz")
+    with atomic_path(npz) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **correct)
+    record["per_example_file"] = npz.name
+    if card is not None:
+        from .report.cards import make_card
+
+        record["card_file"] = str(card)
+        write_json(card, make_card(record, meta))
+    write_json(out, record)
+
+
+def _settings(record: dict) -> dict:
+    """What decides the numbers of an evaluation record, for comparison with another's."""
+    keys = ("run_id", "n_examples", "eps", "norm", "seed", "batch_size")
+    return json.loads(json.dumps({
+        **{k: record.get(k) for k in keys},
+        "attacks": {name: entry.get("params") for name, entry in record["attacks"].items()},
+        "transfer": {name: [e.get("source_run_id"), e.get("source_checkpoint"), e.get("params")]
+                     for name, e in record["transfer"].items()},
+        "eps_sweep": [[s["eps"], s["attack"]] for s in record["eps_sweep"]]}))
+
+
+def _expected_settings(cfg: EvalConfig, meta: dict) -> dict:
+    """`_settings` of the record `cfg` would produce on the run `meta`, without running anything."""
+    dataset = meta["config"]["dataset"]
+    eps = float(cfg.eps if cfg.eps is not None else meta["eps"])
+    params = {"clean": {}}
+    for name in cfg.asked():
+        params[name] = (cfg.autoattack_config(eps, "cpu").record_params() if name == AUTOATTACK
+                        else resolve_params(name, dataset, cfg.attack_params, cfg.restarts, eps))
+    transfer = {}
+    if cfg.transfer_from is not None:
+        source_id = RunDir(cfg.transfer_from).record("--transfer-from")["run_id"]
+        transfer = {name: {"source_run_id": source_id, "source_checkpoint": cfg.transfer_checkpoint,
+                           "params": resolve_params(name, dataset, cfg.attack_params, cfg.restarts, eps)}
+                    for name in cfg.transfer_attacks}
+    return _settings({
+        "run_id": meta["run_id"], "n_examples": cfg.n_test or dataset_info(dataset).test_size, "eps": eps,
+        "norm": cfg.aa_norm, "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "attacks": {name: {"params": p} for name, p in params.items()}, "transfer": transfer,
+        "eps_sweep": [{"eps": e, "attack": name} for e in dict.fromkeys(float(v) for v in cfg.eps_list)
+                      for name in cfg.asked()]})
+
+
+def reusable_evaluation(cfg: EvalConfig, meta: dict, path: Path) -> tuple[dict, dict[str, np.ndarray]] | str:
+    """(record for `cfg.checkpoint`, per-example arrays) copied from the evaluation in `path` when it
+    measured the same weights with the same settings; otherwise the reason why not."""
+    from .schemas import validate
+
+    if not path.is_file():
+        return "no such file yet"
+    try:
+        record = read_json(path)
+        validate(record, "eval")
+    except Exception as err:  # unreadable JSON or a schema violation: evaluate instead
+        return f"not an evaluation record ({str(err).splitlines()[0][:120]})"
+    run = RunDir(cfg.run)
+    if record["run_id"] != meta["run_id"] or record["checkpoint"] == cfg.checkpoint:
+        return f"it evaluates {record['run_id']} ({record['checkpoint']}), not the other checkpoint of this run"
+    if not run.same_weights(meta):
+        return f"best epoch {run.checkpoint_epoch('best', meta)} is not the last epoch"
+    if _settings(record) != _expected_settings(cfg, meta):
+        return "other attacks, points, budget, seed or attack parameters"
+    npz = path.parent / record.get("per_example_file", path.with_suffix(".npz").name)
+    if not npz.is_file():
+        return f"its per-example file {npz.name} is missing"
+    with np.load(npz) as data:
+        correct = {k: data[k] for k in data.files}
+    for key in ("per_example_file", "card_file"):
+        record.pop(key, None)
+    return {**record, "checkpoint": cfg.checkpoint, "reused_from": path.name}, correct

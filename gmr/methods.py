@@ -31,6 +31,7 @@ from . import attacks
 from .attacks import eval_mode, input_gradient, project, random_sign_like, _uniform_like
 from .cost import PassCount
 from .data import dataset_family
+from .options import convert_values
 from .registry import Registry
 
 
@@ -98,33 +99,14 @@ def method_rank(method: str) -> tuple[int, str]:
 def make_options(method: str, dataset: str, overrides: dict[str, Any] | None = None):
     """The method's options: dataclass defaults, then the paper's values for the dataset, then overrides.
 
-    Unknown option names raise, listing the valid ones.
+    Overrides are checked against the options' annotations by `gmr.options` (text such as "7" or
+    "true" from a command line is read as the annotated type); an unknown name raises, listing the
+    valid ones.
     """
     spec = METHODS.get(method)
-    valid = {f.name: f for f in dataclasses.fields(spec.options)}
     values = dict(spec.defaults.get(dataset_family(dataset), {}))
-    for key, value in (overrides or {}).items():
-        if key not in valid:
-            raise ValueError(f"method {method!r} has no option {key!r}; valid options: "
-                             f"{', '.join(valid) or '(none)'}")
-        values[key] = _coerce(value, valid[key].type, f"{method}.{key}")
+    values.update(convert_values(spec.options, overrides or {}, owner="method", scope=method, strings=True))
     return spec.options(**values)
-
-
-def _coerce(value, type_name, what):
-    kind = {"float": float, "int": int, "bool": bool, "str": str}.get(str(type_name).split(" ")[0], None)
-    if kind is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    try:
-        if kind is bool and isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"option {what} must be {kind.__name__}, got {value!r}") from None
 
 
 def method_cost(method: str, options, batch_size: int) -> PassCount:

@@ -87,13 +87,19 @@ class RunDir:
                            f"{str(err).splitlines()[0][:200]}") from None
         return record
 
-    def check(self, checkpoint: str, what: str = "--run") -> dict:
-        """The record of a finished run whose model file of `checkpoint` loads into its model."""
+    def require(self, checkpoint: str, what: str = "--run") -> dict:
+        """The record of a finished run that has the model file of `checkpoint`, without loading it (a
+        caller that will load the model anyway checks it once, when it loads it)."""
         if checkpoint not in CHECKPOINTS:
             raise RunError(f"checkpoint must be best or last, got {checkpoint!r}")
         record = self.record(what)
         if not self.model_file(checkpoint).is_file():
             raise RunError(f"{what} {self.path} has no model_{checkpoint}.pt; the run is incomplete")
+        return record
+
+    def check(self, checkpoint: str, what: str = "--run") -> dict:
+        """The record of a finished run whose model file of `checkpoint` loads into its model."""
+        record = self.require(checkpoint, what)
         self.load_model(checkpoint, torch.device("cpu"), record)  # a damaged file fails here
         return record
 

@@ -13,10 +13,10 @@ from .style import (LOSS_FLOOR, _col, _co_epoch, _draw_surface, _finish_training
                     _title, _training_axes, method_color, method_label, plt, save_figure)
 
 
-def diagnosis_figures(diag_dir: str | Path) -> list[Path]:
-    """Draw every figure of one `gmr diagnose` output folder into that folder."""
+def diagnosis_figures(diag_dir: str | Path, audit: dict) -> list[Path]:
+    """Draw every figure of one `gmr diagnose` output folder into that folder, from its probe CSVs and
+    `audit` (with summary and verdict, not yet written)."""
     d = Path(diag_dir)
-    audit = read_json(d / "audit.json")
     written: list[Path] = []
     written += _fig_attacks(d, audit)
     written += _fig_fgsm_line(d, audit)

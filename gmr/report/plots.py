@@ -1,7 +1,10 @@
 """Comparison figures across runs (`gmr plots`), drawn from result files on disk: training_curves,
 robust_accuracy_vs_cost and, from diagnose folders, loss_surfaces, loss_along_fgsm, accuracy_vs_eps and
-accuracy_vs_steps; plus audit_summary.csv (one row per audit). PNG and PDF each; every method keeps its
-registered colour."""
+accuracy_vs_steps; plus audit_summary.csv (one row per audit). PNG and PDF each.
+
+Every method is drawn in its registered colour and named by its registered title (gmr/methods.py), in
+registration order. Evaluations and audits are matched to the runs they measured by `run_id` only.
+"""
 from __future__ import annotations
 
 import math
@@ -10,33 +13,33 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..io import read_csv, read_json, write_csv
+from ..io import ensure_writable_dir, read_csv, write_csv
+from ..methods import method_color, method_title
 from ..runs import RunDir, catastrophic_overfitting_epoch
 from .style import (LOSS_FLOOR, _col, _draw_surface, _finish_training_axes, _log_x, _order_key, _surface_grid,
-                    _training_axes, method_color, method_label, plt, save_figure)
-
+                    _training_axes, plt, save_figure)
+from .tables import TableInputError, check_links, read_record
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
 LINESTYLES = ("-", "--", ":", "-.")
 
 
 def _labels(items: Sequence[tuple[str, str, str | None]]) -> list[str]:
-    """Unique display names for (method, run path, checkpoint) items: the method's name, plus what
-    tells items of the same method apart (the first differing folder of their paths, the checkpoint)."""
-    base = [method_label(m) for m, _, _ in items]
+    """Unique display names for (title, run path, checkpoint) items: the method's title, plus what
+    tells items of the same title apart (the first differing folder of their paths, the checkpoint)."""
+    base = [title for title, _, _ in items]
     out = []
-    for i, (m, p, ckpt) in enumerate(items):
+    for i, (_, p, ckpt) in enumerate(items):
         group = [j for j, b in enumerate(base) if b == base[i]]
         parts = []
         if len(group) > 1:
             paths = [Path(items[j][1]).resolve().parts for j in group]
-            if len({q for q in paths}) > 1:
+            if len(set(paths)) > 1:
                 mine = Path(p).resolve().parts
                 depth = min(len(q) for q in paths)
-                for k in range(depth):
-                    if len({q[k] for q in paths}) > 1:
-                        parts.append(mine[k])
-                        break
+                k = next((k for k in range(depth) if len({q[k] for q in paths}) > 1), None)
+                if k is not None:
+                    parts.append(mine[k])
             if len({items[j][2] for j in group}) > 1 and ckpt:
                 parts.append(ckpt)
         out.append(base[i] + (f" ({', '.join(parts)})" if parts else ""))
@@ -52,48 +55,74 @@ def _styles(items: list[dict]) -> None:
         it["marker"], it["ls"] = MARKERS[k % len(MARKERS)], LINESTYLES[k % len(LINESTYLES)]
 
 
+def _finish_items(items: list[dict], sort_key, path_key: str, ckpt_key) -> list[dict]:
+    """Order items by method (registration order), name and style them."""
+    items.sort(key=sort_key)
+    for item, label in zip(items, _labels([(x["title"], x[path_key], ckpt_key(x)) for x in items])):
+        item["label"] = label
+    _styles(items)
+    return items
+
+
 def _load_runs(runs: Iterable[str | Path]) -> list[dict]:
     out = []
     for r in runs:
-        meta = read_json(Path(r) / "run.json")
-        out.append({"path": str(r), "meta": meta, "method": meta["config"]["method"],
+        meta = RunDir(r).record("--runs")
+        method = meta["config"]["method"]
+        out.append({"path": str(r), "meta": meta, "run_id": meta["run_id"], "method": method,
+                    "title": method_title(method, meta.get("method_options")), "color": method_color(method),
                     "seed": meta["config"].get("seed")})
-    out.sort(key=lambda x: _order_key(x["method"], x["path"]))
-    for item, label in zip(out, _labels([(x["method"], x["path"], None) for x in out])):
-        item["label"] = label
-    _styles(out)
-    return out
+    return _finish_items(out, lambda x: _order_key(x["method"], x["path"]), "path", lambda x: None)
 
 
-def _load_diagnostics(dirs: Iterable[str | Path]) -> list[dict]:
+def _load_diagnostics(dirs: Iterable[str | Path], run_items: Sequence[dict] = ()) -> list[dict]:
+    """One item per `gmr diagnose` folder; its method's title is the one of the run it audited."""
+    titles = {it["run_id"]: it["title"] for it in run_items}
     out = []
     for d in dirs:
-        audit = read_json(Path(d) / "audit.json")
-        out.append({"path": str(d), "audit": audit, "method": audit["method"], "seed": audit.get("train_seed")})
-    out.sort(key=lambda x: _order_key(x["method"], x["audit"]["run"] + x["audit"]["checkpoint"]))
-    for item, label in zip(out, _labels([(x["method"], x["audit"]["run"], x["audit"]["checkpoint"])
-                                         for x in out])):
-        item["label"] = label
-    _styles(out)
-    return out
+        audit = read_record(Path(d) / "audit.json", "audit")
+        method = audit["method"]
+        out.append({"path": str(d), "audit": audit, "run_id": audit["run_id"], "run_path": audit["run"],
+                    "method": method,
+                    "title": titles.get(audit["run_id"], method_title(method)), "color": method_color(method),
+                    "seed": audit.get("train_seed")})
+    return _finish_items(out, lambda x: _order_key(x["method"], x["audit"]["run"] + x["audit"]["checkpoint"]),
+                         "run_path", lambda x: x["audit"]["checkpoint"])
 
 
-def _same_path(a: str | Path, b: str | Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+def _load_evals(files: Iterable[str | Path]) -> list[dict]:
+    records = []
+    for f in files:
+        record = read_record(f, "evaluation")
+        if "attacks" not in record:
+            raise TableInputError(f"{f} is not a `gmr evaluate` result (no 'attacks')")
+        records.append(record)
+    return records
+
+
+def load_inputs(runs: Sequence[str | Path], diagnostics: Sequence[str | Path] = (),
+                evals: Sequence[str | Path] = ()) -> tuple[list[dict], list[dict], list[dict]]:
+    """(run items, diagnose items, evaluation records), every audit and evaluation linked to one of the
+    runs by run_id; a ValueError naming the file otherwise."""
+    run_items = _load_runs(runs)
+    diag_items = _load_diagnostics(diagnostics, run_items)
+    records = _load_evals(evals)
+    ids = {it["run_id"] for it in run_items}
+    check_links([(d["run_id"], Path(d["path"]) / "audit.json") for d in diag_items], ids, "audit")
+    check_links([(r["run_id"], f) for r, f in zip(records, evals)], ids, "evaluation")
+    return run_items, diag_items, records
 
 
 def comparison_figures(runs: Sequence[str | Path], out: str | Path, diagnostics: Sequence[str | Path] = (),
                        evals: Sequence[str | Path] = ()) -> list[Path]:
-    """Draw the comparison figures (see the module docstring) into `out`; returns the files written."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_items = _load_runs(runs)
-    diag_items = _load_diagnostics(diagnostics)
-    eval_records = [read_json(e) for e in evals]
+    """Draw the comparison figures (see the module docstring) into `out`; returns the files written.
+    Every input is read and checked first: on bad input nothing is written, not even `out`."""
+    run_items, diag_items, records = load_inputs(runs, diagnostics, evals)
+    out = ensure_writable_dir(out)
     written: list[Path] = []
     if run_items:
         written += _cmp_training(run_items, out)
-        written += _cmp_cost(run_items, diag_items, eval_records, out)
+        written += _cmp_cost(run_items, diag_items, records, out)
     if diag_items:
         written += _cmp_surfaces(diag_items, out)
         written += _cmp_line(diag_items, out)
@@ -109,7 +138,7 @@ def _cmp_training(items, out) -> list[Path]:
     for it in items:
         rows = RunDir(it["path"]).train_log()
         if rows:
-            _training_axes(axes, rows, method_color(it["method"]), it["label"], catastrophic_overfitting_epoch(rows),
+            _training_axes(axes, rows, it["color"], it["label"], catastrophic_overfitting_epoch(rows),
                            it["marker"])
     _finish_training_axes(axes)
     eps = items[0]["meta"].get("eps")
@@ -120,15 +149,17 @@ def _cmp_training(items, out) -> list[Path]:
     return save_figure(fig, out, "training_curves")
 
 
-def _eval_for(run_path: str, records: Sequence[dict]) -> dict | None:
-    matches = [r for r in records if r.get("run") and _same_path(r["run"], run_path)]
-    matches.sort(key=lambda r: r.get("checkpoint") != "best")
+def _eval_for(run_id: str, records: Sequence[dict]) -> dict | None:
+    """The evaluation of this run, the selected model's first."""
+    matches = sorted((r for r in records if r["run_id"] == run_id),
+                     key=lambda r: r.get("checkpoint") != "best")
     return matches[0] if matches else None
 
 
-def _diag_for(run_path: str, items: Sequence[dict]) -> dict | None:
-    matches = [d for d in items if _same_path(d["audit"]["run"], run_path)]
-    matches.sort(key=lambda d: d["audit"].get("checkpoint") != "best")
+def _diag_for(run_id: str, items: Sequence[dict]) -> dict | None:
+    """The audit of this run, the selected model's first."""
+    matches = sorted((d for d in items if d["run_id"] == run_id),
+                     key=lambda d: d["audit"].get("checkpoint") != "best")
     return matches[0] if matches else None
 
 
@@ -136,7 +167,7 @@ def robustness_source(items, diag_items, eval_records) -> tuple[str, list[float 
     """The best robust-accuracy source available for every run: AutoAttack or PGD from evaluation JSONs,
     else PGD of the diagnose audits, else the selected epoch's validation PGD from run.json. Returns the
     axis label, one value per run and the checkpoint each value is of."""
-    evals = [_eval_for(it["path"], eval_records) for it in items]
+    evals = [_eval_for(it["run_id"], eval_records) for it in items]
     eval_ckpts = [(e or {}).get("checkpoint", "best") for e in evals]
     aa = [((e or {}).get("attacks", {}).get("autoattack") or {}).get("accuracy") for e in evals]
     if all(a is not None for a in aa):
@@ -146,7 +177,7 @@ def robustness_source(items, diag_items, eval_records) -> tuple[str, list[float 
     if all(p is not None for p in pgd):
         n = evals[0].get("n_examples")
         return f"PGD accuracy (test, n = {n})", pgd, eval_ckpts
-    diags = [_diag_for(it["path"], diag_items) for it in items]
+    diags = [_diag_for(it["run_id"], diag_items) for it in items]
     if all(d is not None for d in diags):
         return (f"PGD accuracy (test, n = {diags[0]['audit']['n_examples']}, from gmr diagnose)",
                 [d["audit"]["summary"]["pgd_accuracy"] for d in diags],
@@ -174,7 +205,7 @@ def _cmp_cost(items, diag_items, eval_records, out) -> list[Path]:
         pts = [(it["meta"]["cost"][key], y, it, c) for it, y, c in zip(items, ys, ckpts) if y is not None]
         for x, y, it, ckpt in pts:
             name = it["label"] + ("" if ckpt == "best" else f" [{ckpt} model]")
-            ax.scatter(x, y, color=method_color(it["method"]), marker=it["marker"], s=45, zorder=3, label=name)
+            ax.scatter(x, y, color=it["color"], marker=it["marker"], s=45, zorder=3, label=name)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if pts:
             front = pareto_front([p[0] for p in pts], [p[1] for p in pts])
@@ -201,7 +232,7 @@ def _cmp_surfaces(items, out) -> list[Path]:
         for col, (it, rows) in enumerate(zip(items, per)):
             g1, g2, Z, label = _surface_grid(rows, image)
             ax = fig.add_subplot(len(common), len(items), row * len(items) + col + 1, projection="3d")
-            _draw_surface(ax, g1, g2, Z, method_color(it["method"]),
+            _draw_surface(ax, g1, g2, Z, it["color"],
                           f"{it['label']}\ntest image {image} (label {label})")
     eps = items[0]["audit"]["eps"]
     fig.suptitle("loss surfaces at x + eps1 sign(grad x) + eps2 sign(random), eps1, eps2 in "
@@ -218,7 +249,7 @@ def _cmp_line(items, out) -> list[Path]:
         n = len(np.unique(idx))
         L, C = np.maximum(loss.reshape(n, len(ts)), LOSS_FLOOR), ok.reshape(n, len(ts))
         s = it["audit"]["summary"]
-        c = method_color(it["method"])
+        c = it["color"]
         a1.plot(ts, np.median(L, 0), color=c, lw=2, ls=it["ls"],
                 label=f"{it['label']} (non-monotone {s['fgsm_loss_nonmonotone']:.0%})")
         a1.fill_between(ts, np.percentile(L, 25, 0), np.percentile(L, 75, 0), color=c, alpha=0.15)
@@ -243,7 +274,7 @@ def _cmp_eps(items, out) -> list[Path]:
     for it in items:
         rows = read_csv(Path(it["path"]) / "accuracy_vs_eps.csv")
         ax.plot(_col(rows, "eps"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"],
-                color=method_color(it["method"]), label=it["label"])
+                color=it["color"], label=it["label"])
     eps = items[0]["audit"]["eps"]
     ax.axvline(eps, color="k", ls="--", lw=1, label=f"training eps {eps:.3g}")
     ax.set_xlabel("Linf budget eps (pixel units in [0, 1])")
@@ -257,7 +288,7 @@ def _cmp_eps(items, out) -> list[Path]:
 def _cmp_steps(items, out) -> list[Path]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for it in items:
-        c = method_color(it["method"])
+        c = it["color"]
         rows = read_csv(Path(it["path"]) / "accuracy_vs_steps.csv")
         a1.plot(_col(rows, "steps"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"], color=c,
                 label=it["label"])
@@ -292,7 +323,8 @@ def _audit_summary(items, out) -> Path:
     for it in items:
         a = it["audit"]
         failed = [c["name"] for c in a["checks"] if c["passed"] is False]
-        rows.append({"label": it["label"], "method": a["method"], "run": a["run"], "checkpoint": a["checkpoint"],
+        rows.append({"label": it["label"], "method": a["method"], "run": a["run"], "run_id": it["run_id"],
+                     "checkpoint": a["checkpoint"],
                      "n_examples": a["n_examples"], "eps": a["eps"],
                      **{k: a["summary"].get(k) for k in AUDIT_SUMMARY_KEYS},
                      "masking": a["verdict"]["masking"], "failed_checks": " ".join(failed)})

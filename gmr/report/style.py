@@ -22,8 +22,9 @@ plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "axes.grid": True, "
                      "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.titlesize": 11})
 
 
-def method_label(method: str) -> str:
-    return method_title(method)
+def method_label(method: str, options: dict | None = None) -> str:
+    """The method's registered title (with its options where the title depends on them)."""
+    return method_title(method, options)
 
 
 def _order_key(method: str, path: str) -> tuple:

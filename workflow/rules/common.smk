@@ -18,8 +18,6 @@ from typing import NamedTuple
 
 from snakemake.logging import logger
 
-from gmr.snakemake_fixes import fix_scheduler_accounting
-
 R = config["results"].rstrip("/")
 
 wildcard_constraints:
@@ -41,8 +39,6 @@ def _gmr_command() -> str:
 
 
 GMR = _gmr_command()
-PYTHON = shlex.quote(sys.executable)
-SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 
 
 def eps_value(eps) -> float:
@@ -133,9 +129,6 @@ def _check_names(experiments: dict) -> None:
         if problems:
             raise ValueError(f"config, experiment {name}: unknown " + "; unknown ".join(problems))
 
-
-# Snakemake 9.10-9.15 oversubscribe --cores/--resources after a lone job (see gmr/snakemake_fixes.py).
-fix_scheduler_accounting()
 
 EXPERIMENTS = _experiments(config, RAW_CONFIG)
 _check_names(EXPERIMENTS)

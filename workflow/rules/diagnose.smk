@@ -18,8 +18,7 @@ def _diagnose_inputs(wc):
 
 def _diagnose_args(wc, input) -> str:
     d = experiment(wc)["diagnose"]
-    args = ["--checkpoint", d["checkpoint"], "--n-test", str(d["n_test"]), "--device", config["device"],
-            "--threads", str(resources("diagnose")["threads"])]
+    args = ["--checkpoint", d["checkpoint"], "--n-test", str(d["n_test"]), "--device", config["device"]]
     if d["n_curve"]:
         args += ["--n-curve", str(d["n_curve"])]
     if d["quick"]:
@@ -48,4 +47,5 @@ rule diagnose:
     resources:
         **job_resources("diagnose"),
     shell:
-        "{GMR} diagnose --run {params.run:q} --out {params.out:q} {params.args} > {log:q} 2>&1"
+        "{GMR} diagnose --run {params.run:q} --out {params.out:q} {params.args} --threads {threads} "
+        "> {log:q} 2>&1"

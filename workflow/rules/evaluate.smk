@@ -1,7 +1,7 @@
 # Evaluation: the white-box suite on the first n test points, for the selected (best) and the last
-# model, and AutoAttack (standard) on its own, usually smaller, subset. The last model reuses the
-# selected model's result when the run selected its last epoch (same weights; see
-# workflow/scripts/reuse_evaluation.py).
+# model, and AutoAttack (standard) on its own, usually smaller, subset. The last model's job depends on
+# the selected model's result and passes it as `gmr evaluate --reuse-from`: when the run selected its
+# last epoch (same weights, seeded attacks) the result is copied instead of computed again.
 
 
 def _eval_inputs(kind):
@@ -19,13 +19,10 @@ def _reuse_best(wc, kind) -> bool:
     return wc.ckpt == "last" and "best" in checkpoints
 
 
-def _reuse_prefix(kind):
-    def prefix(wc, input, output):
-        if not _reuse_best(wc, kind):
-            return ""
-        return f"{PYTHON} {shlex.quote(str(SCRIPTS / 'reuse_evaluation.py'))} " \
-               f"{shlex.quote(input.run)} {shlex.quote(input.best)} {shlex.quote(output.json)} -- "
-    return prefix
+def _reuse_arg(kind):
+    def arg(wc, input):
+        return f"--reuse-from {shlex.quote(input.best)}" if _reuse_best(wc, kind) else ""
+    return arg
 
 
 def _whitebox_args(wc) -> str:
@@ -33,8 +30,7 @@ def _whitebox_args(wc) -> str:
     return " ".join([
         "--attacks", ",".join(ev["attacks"]), n_test_arg(ev["n_test"]),
         "--batch-size", str(ev["batch_size"]), "--seed", str(ev["seed"]),
-        "--device", config["device"], "--threads", str(resources("evaluate")["threads"]),
-        attack_params_args(ev, ev["attacks"])])
+        "--device", config["device"], attack_params_args(ev, ev["attacks"])])
 
 
 def _autoattack_args(wc) -> str:
@@ -44,8 +40,7 @@ def _autoattack_args(wc) -> str:
     return " ".join([
         "--attacks", ",".join(attacks), n_test_arg(ev["autoattack"]["n_test"]),
         attack_params_args(ev, attacks),
-        "--batch-size", str(ev["batch_size"]), "--seed", str(ev["seed"]),
-        "--device", config["device"], "--threads", str(resources("autoattack")["threads"])])
+        "--batch-size", str(ev["batch_size"]), "--seed", str(ev["seed"]), "--device", config["device"]])
 
 
 rule evaluate:
@@ -61,13 +56,13 @@ rule evaluate:
     params:
         run=lambda wc, input: os.path.dirname(input.run),
         args=_whitebox_args,
-        reuse=_reuse_prefix(""),
+        reuse=_reuse_arg(""),
     threads: resources("evaluate")["threads"]
     resources:
         **job_resources("evaluate"),
     shell:
-        "{params.reuse}{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} "
-        "--out {output.json:q} > {log:q} 2>&1"
+        "{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} {params.reuse} "
+        "--threads {threads} --out {output.json:q} > {log:q} 2>&1"
 
 
 rule autoattack:
@@ -83,12 +78,12 @@ rule autoattack:
     params:
         run=lambda wc, input: os.path.dirname(input.run),
         args=_autoattack_args,
-        reuse=_reuse_prefix("-autoattack"),
+        reuse=_reuse_arg("-autoattack"),
     # on the path to the audit and the last jobs of a study: start them as soon as they are ready
     priority: 1
     threads: resources("autoattack")["threads"]
     resources:
         **job_resources("autoattack"),
     shell:
-        "{params.reuse}{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} "
-        "--out {output.json:q} > {log:q} 2>&1"
+        "{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} {params.reuse} "
+        "--threads {threads} --out {output.json:q} > {log:q} 2>&1"

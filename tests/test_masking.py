@@ -1,4 +1,5 @@
-"""Gradient-masking probes on constructed models with known answers, the audit, its schema and the CLI."""
+"""Gradient-masking package: probes on constructed models with known answers, every registered probe,
+a probe and rule added from a test, the rules, the audit, its schema and the CLI."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,15 @@ from torch import nn
 
 from gmr.cli import main
 from gmr.data import DataSpec, Split, load_split
-from gmr.diagnostics import (RULES, DiagnoseConfig, ProbeSettings, build_checks,
-                             catastrophic_overfitting_epoch, diagnose, line_statistics, make_check,
-                             read_tables, run_probes, sign_agreement, summarise, validate_audit, verdict)
+from gmr.masking import rules as rules_module
+from gmr.masking.audit import DiagnoseConfig, ProbeSettings, diagnose, read_tables, validate_audit, write_audit
+from gmr.masking.probes import (PROBES, ProbeContext, line_statistics, probe_seed, register_probe, run_probes,
+                                sign_agreement, summarise)
+from gmr.masking.rules import RULES, Rule, build_checks, make_check, register_rule, verdict
+from gmr.report.audit_figures import diagnosis_figures
+from gmr.runs import RunDir, catastrophic_overfitting_epoch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GRADIENT_CHECKS = ("zero_gradient_fraction", "gradient_alignment_fgsm_robust", "sign_agreement_fgsm_robust",
                    "fgsm_loss_nonmonotone", "boundary_distortion")
@@ -178,6 +185,7 @@ def test_normally_trained_run_is_not_judged_masked(make_run, tmp_path):
         [checks[n]["explanation"] for n in GRADIENT_CHECKS]
     assert diag.audit["verdict"]["masking"] == "no", diag.audit["verdict"]
     validate_audit(json.loads(json.dumps(diag.audit)))
+    assert diag.audit["run_id"] == RunDir(run).record()["run_id"] and "transfer_run_id" not in diag.audit
     # the training log was read: per-epoch curves and the CO check are there
     assert diag.tables["training_curves"][0]["epoch"] == 1
     assert checks["catastrophic_overfitting"]["passed"]
@@ -260,13 +268,11 @@ def test_verdict_rule():
 def test_every_rule_documents_its_source_and_threshold_in_the_module_and_readme():
     from pathlib import Path
 
-    import gmr.diagnostics as diagnostics
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Gradient-masking diagnostics", 1)[1].split("\n## ", 1)[0]
     for name, rule in RULES.items():
-        assert rule.source
-        assert name in diagnostics.__doc__ or rule.role == "info"
+        assert rule.source and rule.name == name
+        assert name in rules_module.__doc__ or rule.role == "info"
         assert name in section, f"README does not document {name}"
 
 
@@ -310,12 +316,15 @@ def test_autoattack_record_flags_and_absence():
 # --------------------------------------------------------------------------------------------------
 # Files, schema and CLI
 
+def run_id(run) -> str:
+    return RunDir(run).record()["run_id"]
+
+
 def test_cli_diagnose_writes_files_and_a_valid_audit(make_run, tmp_path, capsys):
     run = make_run("standard", **TRAINED)
     ev = tmp_path / "eval.json"
-    ev.write_text(json.dumps({"attacks": {"pgd": {"accuracy": 0.1},
-                                          "autoattack": {"accuracy": 0.05, "per_attack": {"apgd-ce": 0.08},
-                                                         "flags": []}}}))
+    ev.write_text(json.dumps({"run_id": run_id(run), "attacks": {
+        "pgd": {"accuracy": 0.1}, "autoattack": {"accuracy": 0.05, "per_attack": {"apgd-ce": 0.08}, "flags": []}}}))
     out = tmp_path / "diag"
     rc = main(["diagnose", "--run", str(run), "--out", str(out), "--n-test", "16", "--quick",
                "--n-curve", "8", "--eval", str(ev), "--transfer-from", str(run), "--device", "cpu"])
@@ -323,11 +332,12 @@ def test_cli_diagnose_writes_files_and_a_valid_audit(make_run, tmp_path, capsys)
     assert "masking:" in capsys.readouterr().out
     audit = json.loads((out / "audit.json").read_text())
     validate_audit(audit)
+    assert audit["run_id"] == audit["transfer_run_id"] == run_id(run)
     for name in ("attack_gap", "per_example", "gradient_alignment", "logit_distance", "fgsm_line",
                  "loss_surface", "accuracy_vs_eps", "accuracy_vs_steps", "accuracy_vs_restarts", "transfer",
                  "training_curves", "autoattack", "checks"):
         assert (out / f"{name}.csv").is_file(), name
-    for stem in ("attacks", "fgsm_line", "loss_surface", "sanity_curves", "gradient_checks", "training_curves"):
+    for stem in DIAGNOSIS_FIGURES:
         for ext in ("png", "pdf"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000
     assert {"fgsm_line.png", "checks.csv"} <= set(audit["files"])
@@ -343,7 +353,7 @@ def test_cli_diagnose_writes_files_and_a_valid_audit(make_run, tmp_path, capsys)
 
     # --audit-only: an evaluation that arrived later (Square beat the white-box attacks) changes the verdict,
     # without any model work
-    ev.write_text(json.dumps({"run": str(run), "attacks": {"pgd": {"accuracy": 0.5}, "autoattack": {
+    ev.write_text(json.dumps({"run_id": run_id(run), "attacks": {"pgd": {"accuracy": 0.5}, "autoattack": {
         "accuracy": 0.1, "per_attack": {"apgd-ce": 0.3, "square": 0.1},
         "flags": ["Square Attack has decreased the robust accuracy of 20%"]}}}))
     rc = main(["diagnose", "--run", str(run), "--out", str(out), "--eval", str(ev), "--audit-only"])
@@ -354,15 +364,43 @@ def test_cli_diagnose_writes_files_and_a_valid_audit(make_run, tmp_path, capsys)
     assert by_name(redone["checks"])["autoattack_square_gain"]["passed"] is False
     assert redone["verdict"]["masking"] == "yes"
     assert redone["summary"]["pgd_accuracy"] == audit["summary"]["pgd_accuracy"]
-    assert redone["seconds"] == audit["seconds"]
+    assert redone["seconds"] == audit["seconds"] and redone["run_id"] == audit["run_id"]
     other = tmp_path / "empty"
     other.mkdir()
     assert main(["diagnose", "--run", str(run), "--out", str(other), "--audit-only"]) == 2
+    # the folder audits another run: refused by run_id
+    capsys.readouterr()
+    assert main(["diagnose", "--run", str(make_run("standard")), "--out", str(out), "--audit-only"]) == 2
+    assert "audits run" in capsys.readouterr().err
 
 
-def test_audit_schema_rejects_bad_audits(make_run):
-    diag = diagnose(DiagnoseConfig(run=str(make_run("standard", **TRAINED)), n_test=16, device="cpu", settings=TINY))
-    audit = json.loads(json.dumps(diag.audit))
+DIAGNOSIS_FIGURES = {"attacks", "fgsm_line", "loss_surface", "sanity_curves", "gradient_checks",
+                     "training_curves"}
+
+
+@pytest.fixture(scope="module")
+def written(make_run, tmp_path_factory):
+    """(run, folder, audit) of one `write_audit` call (the library function behind `gmr diagnose`)."""
+    run = make_run("standard", **TRAINED)
+    out = tmp_path_factory.mktemp("diag")
+    return run, out, write_audit(DiagnoseConfig(run=str(run), n_test=16, device="cpu", settings=TINY), out)
+
+
+def test_diagnosis_figures_have_fixed_names(written):
+    _, d, audit = written
+    figures = diagnosis_figures(d, audit)           # drawn from the CSVs and the audit in memory
+    for ext in ("png", "pdf"):
+        assert {p.stem for p in figures if p.suffix == f".{ext}"} == DIAGNOSIS_FIGURES
+    for p in figures:
+        assert p.parent == d and p.stat().st_size > 1000
+    assert not list(d.glob(".tmp-*"))
+    # audit.json, written once after the figures, lists every other file of the folder
+    assert audit["files"] == sorted(p.name for p in d.iterdir() if p.name != "audit.json")
+    assert json.loads((d / "audit.json").read_text())["files"] == audit["files"]
+
+
+def test_audit_schema_rejects_bad_audits(written):
+    audit = json.loads((written[1] / "audit.json").read_text())
     validate_audit(audit)
     bad = dict(audit, verdict={"masking": "maybe", "reasons": ["x"]})
     with pytest.raises(jsonschema.ValidationError):
@@ -370,32 +408,125 @@ def test_audit_schema_rejects_bad_audits(make_run):
     bad = dict(audit, checks=[dict(audit["checks"][0], explanation="two\nlines")])
     with pytest.raises(jsonschema.ValidationError):
         validate_audit(bad)
-    bad = {k: v for k, v in audit.items() if k != "verdict"}
-    with pytest.raises(jsonschema.ValidationError):
-        validate_audit(bad)
+    for key in ("verdict", "run_id"):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_audit({k: v for k, v in audit.items() if k != key})
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--run", "{missing}"], "not a finished run directory"),
+    (["--run", "{missing}"], "no such run directory"),
     (["--checkpoint", "middle"], "checkpoint must be best or last"),
     (["--out", "{file}"], "not a folder"),
     (["--eval", "{missing}/e.json"], "does not exist"),
     (["--transfer-from", "{missing}"], "--transfer-from"),
     (["--n-test", "0"], "n_test must be positive"),
     (["--eval", "{other_eval}"], "not --run"),
+    (["--eval", "{no_id_eval}"], "names no run_id"),
 ])
 def test_cli_diagnose_bad_input_exits_2_with_one_line(make_run, tmp_path, capsys, extra, message):
     run = make_run("standard", **TRAINED)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     other_eval = tmp_path / "other.json"
-    other_eval.write_text(json.dumps({"run": str(tmp_path / "another-run"), "attacks": {}}))
+    other_eval.write_text(json.dumps({"run_id": "another-run", "run": str(run), "attacks": {}}))
+    no_id_eval = tmp_path / "no-id.json"
+    no_id_eval.write_text(json.dumps({"run": str(run), "attacks": {}}))
     args = {"--run": str(run), "--out": str(tmp_path / "out")}
     it = iter(extra)
     for k in it:
-        args[k] = next(it).format(missing=tmp_path / "missing", file=a_file, other_eval=other_eval)
+        args[k] = next(it).format(missing=tmp_path / "missing", file=a_file, other_eval=other_eval,
+                                  no_id_eval=no_id_eval)
     argv = ["diagnose"] + [t for kv in args.items() for t in kv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out" / "audit.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The registries: every probe, a probe and a rule added from here, independent randomness
+
+SMALL = ProbeSettings(batch_size=8, n_curve=6, n_surface=1, surface_points=3, line_points=5, pgd_steps=(1, 3),
+                      restarts=2, restart_steps=2, sweep_steps=2, eps_factors=(0.0, 1.0), large_eps=(1.0,),
+                      attack_steps=3)
+
+
+def tiny_context() -> ProbeContext:
+    """An untrained MLP and a source model on 12 random MNIST-shaped points (two batches)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(12, 1, 28, 28, generator=g), torch.randint(0, 10, (12,), generator=g)
+    torch.manual_seed(0)
+    return ProbeContext(mlp().eval(), x, y, 0.1, "mnist", SMALL, seed=0, source_model=mlp().eval())
+
+
+@pytest.mark.parametrize("name", PROBES.names_in_order())
+def test_every_registered_probe_returns_a_table(name):
+    ctx = tiny_context()
+    rows = PROBES.get(name)(ctx)
+    assert rows and all(isinstance(r, dict) and r for r in rows)
+    assert all(isinstance(v, (int, float, str)) for r in rows for v in r.values())
+    summary = PROBES.entry(name).meta["summary"]
+    if summary is not None:          # its headline numbers come from the tables alone
+        tables = {n: PROBES.get(n)(ctx) for n in ("per_example", name)}
+        assert all(v is None or isinstance(v, (int, float)) for v in summary(tables).values())
+
+
+@pytest.fixture
+def own_registries(monkeypatch):
+    """Probes and rules registered by a test are gone after it."""
+    monkeypatch.setattr(PROBES, "_entries", dict(PROBES._entries))
+    monkeypatch.setattr(rules_module, "RULES", dict(rules_module.RULES))
+
+
+def test_a_probe_and_rule_added_here_reach_audit_json_and_a_csv(make_run, tmp_path, own_registries):
+    # the README's example: one function, one rule (its summary key needs no schema entry: a number)
+    @register_probe("gradient_l1", summary=lambda t: {"mean_gradient_l1": sum(
+        r["n"] * r["mean_gradient_l1"] for r in t["gradient_l1"]) / sum(r["n"] for r in t["gradient_l1"])})
+    def probe_gradient_l1(ctx):
+        return [{"batch": b.index, "n": len(b.x), "mean_gradient_l1": b.grad.flatten(1).abs().sum(1).mean().item()}
+                for b in ctx.batches]
+
+    register_rule(Rule("mean_gradient_l1", 1e-8, "below", "symptom", "this test",
+                       "mean L1 norm of the input gradient"))
+    run, out = make_run("standard", **TRAINED), tmp_path / "diag"
+    argv = ["diagnose", "--run", str(run), "--out", str(out), "--n-test", "16", "--quick", "--n-curve", "8",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    audit = json.loads((out / "audit.json").read_text())
+    validate_audit(audit)
+    check = by_name(audit["checks"])["mean_gradient_l1"]
+    assert check["passed"] is True and check["role"] == "symptom" and check["fails_when"] == "below"
+    assert check["value"] == audit["summary"]["mean_gradient_l1"] > 1e-8
+    assert "gradient_l1.csv" in audit["files"] and (out / "gradient_l1.csv").read_text().startswith("batch,n,")
+    assert by_name(audit["checks"])["pgd_restarts_plateau"]      # the built-in checks are all still there
+    # the re-audit reads the new table back from its CSV
+    assert main(argv + ["--audit-only"]) == 0
+    redone = by_name(json.loads((out / "audit.json").read_text())["checks"])["mean_gradient_l1"]
+    assert redone["value"] == pytest.approx(check["value"], rel=1e-12)
+
+
+def test_removing_a_probe_changes_no_other_probe(own_registries):
+    """Each probe has its own generator: without gradient_alignment (which draws noise early in the
+    order) every other probe gives exactly the same table."""
+    torch.manual_seed(0)
+    model, source = BinaryLinear(64), BinaryLinear(64, seed=1)
+    x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 2, (20,), generator=torch.Generator().manual_seed(3))
+    before = run_probes(model, x, y, eps=0.1, settings=SMALL, source_model=source).tables
+    del PROBES._entries["gradient_alignment"]
+    after = run_probes(model, x, y, eps=0.1, settings=SMALL, source_model=source).tables
+    assert set(before) - set(after) == {"gradient_alignment"}
+    for name, rows in after.items():
+        assert rows == before[name], name
+    assert probe_seed(0, "transfer") != probe_seed(0, "logit_distance") != probe_seed(1, "logit_distance")
+
+
+def test_register_rule_rejects_bad_rules(own_registries):
+    with pytest.raises(ValueError, match="role"):
+        register_rule(Rule("x_check", 0.1, "above", "fatal", "s", "l"))
+    with pytest.raises(ValueError, match="direction"):
+        register_rule(Rule("x_check", 0.1, "sideways", "symptom", "s", "l"))
+    with pytest.raises(ValueError, match="read function"):
+        register_rule(Rule("x_check", 0.1, "above", "symptom", "s", "l", taken_from="eval"))
+    with pytest.raises(ValueError, match="probe name"):
+        register_probe("Bad Name")
