@@ -96,6 +96,35 @@ def test_diagnose_audits_the_configured_checkpoint(tmp_path, checkpoint):
         assert f"/{checkpoint}-autoattack.json" in command or f"/{checkpoint}.json" in command
 
 
+def _shell_commands(tmp_path: Path, *args: str, **changes) -> list[str]:
+    config = write_config(tmp_path / "c.yaml", **changes)
+    proc = snakemake(tmp_path, "--configfile", str(config), "--dry-run", "--printshellcmds", "--forceall",
+                     *args, timeout=300)
+    return [line.strip() for line in proc.stdout.splitlines() if " --out " in line]
+
+
+def test_every_torch_job_runs_the_threads_snakemake_gave_it(tmp_path):
+    """Rules ask for 4 threads; on --cores 2 Snakemake scales them to 2 and every job passes that."""
+    four = {"threads": 4, "mem_mb": 1500, "runtime": 10}
+    commands = _shell_commands(tmp_path, "--cores", "2", resources={
+        rule: four for rule in ("train", "evaluate", "autoattack", "diagnose", "summary")})
+    torch_jobs = [c for c in commands if any(f" {sub} " in c for sub in ("train", "evaluate", "diagnose"))]
+    assert {c.split(" --run ")[0].split()[-1] if " --run " in c else "train" for c in torch_jobs} == \
+        {"train", "evaluate", "diagnose"}
+    for command in torch_jobs:
+        assert "--threads 2 " in command, command
+
+
+def test_last_model_evaluation_reuses_the_selected_models_result(tmp_path):
+    commands = [c for c in _shell_commands(tmp_path, "--cores", "1") if " evaluate --run " in c]
+    last = [c for c in commands if "--checkpoint last" in c]
+    best = [c for c in commands if "--checkpoint best" in c]
+    assert last and best
+    for command in last:
+        assert "--reuse-from " in command and "/best.json" in command, command
+    assert not any("--reuse-from" in c for c in best)
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end
 
