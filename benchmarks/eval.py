@@ -28,15 +28,16 @@ import torch
 from gmr.autoattack_adapter import AutoAttackConfig, run_autoattack
 from gmr.cost import device_facts, pick_device, synchronize
 from gmr.data import DataSpec, Split, default_data_root, load_split
-from gmr.evaluate import attack_correct, load_run_model, resolve_params, whitebox_attacks
+from gmr.evaluate import attack_correct, resolve_params, whitebox_attacks
 from gmr.models import create_model
+from gmr.runs import RunDir
 
 TARGET = 1.05
 
 
 def _setup(args, device):
     if args.run:
-        model, meta = load_run_model(args.run, "best", device)
+        model, meta, _ = RunDir(args.run).load_model("best", device)
         dataset, root, eps = meta["config"]["dataset"], Path(meta["config"]["data_root"]), meta["eps"]
         x, y = load_split(DataSpec(dataset, root, n_test=args.n), Split.TEST)
         return model, x, y, dataset, eps if args.eps is None else args.eps, f"run {args.run} (best)"

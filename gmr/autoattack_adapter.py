@@ -325,17 +325,38 @@ def _fresh(model, x, y, cfg, device, state_path, clean, attacks, on_progress):
     return robust, {"after": dict(handler.after), "flags": list(handler.flags)}, x_adv.cpu(), handler.messages, False
 
 
+def _saved_progress(main: Path, progress_path: Path, progress: dict, n: int) -> dict | None:
+    """The progress file of an interrupted evaluation of the same configuration, or None."""
+    if not (main.exists() and progress_path.exists()):
+        return None
+    saved = json.loads(progress_path.read_text())
+    flags, _ = _read_state(main)
+    if (saved.get("identity") == progress["identity"] and saved.get("clean") == progress["clean"]
+            and flags is not None and len(flags) == n):
+        return saved
+    return None
+
+
+def _fold_sub_run(main: Path, sub: Path, cascade, clean) -> torch.Tensor:
+    """Robust flags of the main state with a finished or interrupted sub-run folded in."""
+    flags, run = _read_state(main)
+    flags = flags.cpu().bool() & clean
+    if sub.exists():
+        sub_flags, sub_run = _read_state(sub)
+        idx = flags.nonzero().squeeze(1)
+        if sub_flags is not None and len(sub_flags) == len(idx):
+            flags[idx] = sub_flags.cpu().bool()
+            run |= sub_run
+        _write_state(main, cascade, flags, run, float(clean.float().mean()))
+        sub.unlink()
+    return flags
+
+
 def _resumable(model, x, y, cfg: AutoAttackConfig, device, state_path: Path, clean, cascade):
     main, sub, progress_path = state_files(state_path)
-    identity = cfg.identity(len(x))
-    progress = {"identity": identity, "after": {}, "flags": [], "clean": int(clean.sum())}
-    usable = main.exists() and progress_path.exists()
-    if usable:
-        saved = json.loads(progress_path.read_text())
-        flags, _ = _read_state(main)
-        usable = (saved.get("identity") == identity and saved.get("clean") == progress["clean"]
-                  and flags is not None and len(flags) == len(x))
-    if not usable:
+    progress = {"identity": cfg.identity(len(x)), "after": {}, "flags": [], "clean": int(clean.sum())}
+    saved = _saved_progress(main, progress_path, progress, len(x))
+    if saved is None:
         remove_state(main)
         progress_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -347,16 +368,7 @@ def _resumable(model, x, y, cfg: AutoAttackConfig, device, state_path: Path, cle
 
     # Resume: fold a finished or interrupted sub-run into the main state, then continue the cascade.
     progress.update(after=saved["after"], flags=saved["flags"])
-    flags, run = _read_state(main)
-    flags = flags.cpu().bool() & clean
-    if sub.exists():
-        sub_flags, sub_run = _read_state(sub)
-        idx = flags.nonzero().squeeze(1)
-        if sub_flags is not None and len(sub_flags) == len(idx):
-            flags[idx] = sub_flags.cpu().bool()
-            run |= sub_run
-        _write_state(main, cascade, flags, run, float(clean.float().mean()))
-        sub.unlink()
+    flags = _fold_sub_run(main, sub, cascade, clean)
     remaining = [a for a in cascade if a not in progress["after"]]
     messages = [f"resuming from {main}: done {', '.join(progress['after']) or 'nothing'}; "
                 f"{int(flags.sum())} robust points left"]

@@ -365,10 +365,11 @@ def _add_plots(sub) -> None:
 
 def _cmd_plots(args) -> int:
     from .report.plots import comparison_figures
+    from .report.tables import TableInputError
 
     try:
         written = comparison_figures(args.runs, args.out, args.diagnostics, args.evals)
-    except ValueError as err:
+    except TableInputError as err:
         raise UsageError(str(err)) from None
     print(f"{len(written)} files -> {args.out}: " + ", ".join(sorted({p.stem for p in written})))
     return 0
@@ -398,11 +399,11 @@ def _add_tables(sub) -> None:
 
 
 def _cmd_tables(args) -> int:
-    from .report.tables import make_tables
+    from .report.tables import TableInputError, make_tables
 
     try:
         names, written = make_tables(args.runs, args.evals, args.audits, args.out)
-    except ValueError as err:
+    except TableInputError as err:
         raise UsageError(str(err)) from None
     print(f"{len(names)} tables ({', '.join(names)}) -> {args.out} ({len(written)} files)")
     return 0

@@ -48,7 +48,7 @@ NON_ATTACKS = ("clean",)
 AUTOATTACK = "autoattack"
 TRANSFER_ATTACKS = ("fgsm", "rfgsm", "pgd")
 RESTART_ATTACKS = ("pgd", "pgd_cw")  # --restarts applies to these; pgd_50_10 keeps its 10
-CHECKPOINTS = Literal["best", "last"]
+Checkpoint = Literal["best", "last"]  # a run's model files: model_best.pt, model_last.pt
 _SIGNATURE_SKIP = {"model", "x", "y", "eps", "generator"}
 # What a parameter of that name may hold, whichever attack takes it (the attack's signature gives the
 # names, defaults and the plain types; these add the value checks).
@@ -125,7 +125,7 @@ class EvalConfig:
     run: str
     attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd"])
     n_test: PositiveInt | None = 1000   # first n test points in order; None: the whole test set
-    checkpoint: CHECKPOINTS = "best"    # best (the paper's selection) or last
+    checkpoint: Checkpoint = "best"    # best (the paper's selection) or last
     eps: float | None = None            # None: the eps the run was trained with (Linf)
     eps_list: list[float] = field(default_factory=list)   # extra budgets for every attack asked for
     batch_size: PositiveInt = 500
@@ -135,7 +135,7 @@ class EvalConfig:
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"pgd": {"steps": 200}}
     restarts: PositiveInt | None = None  # restarts of pgd and pgd_cw (overrides their default of 1)
     transfer_from: str | None = None    # source run whose model crafts the transfer examples
-    transfer_checkpoint: CHECKPOINTS = "best"
+    transfer_checkpoint: Checkpoint = "best"
     transfer_attacks: list[str] = field(default_factory=lambda: list(TRANSFER_ATTACKS))
     aa_version: str = "standard"        # AutoAttack: standard (RobustBench), plus, custom
     aa_norm: str = "Linf"               # Linf or L2 (L2: --eps is the L2 radius; AutoAttack only)

@@ -134,7 +134,7 @@ def _convert(value: Any, tp: Any, strings: bool) -> Any:
     if origin in (typing.Union, types.UnionType):
         return _union(value, args, strings)
     if origin is Literal:
-        if value in args and not (isinstance(value, bool) and True not in args and False not in args):
+        if any(type(value) is type(a) and value == a for a in args):  # exact: True is not 1
             return value
         raise _Mismatch
     if origin in (list, tuple):

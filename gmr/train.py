@@ -31,10 +31,7 @@ from .masking.probes import fgsm_rfgsm_logit_distance, gradient_alignment
 from .methods import METHODS, make_options, method_cost
 from .models import MODELS, create_model
 from .options import NonNegativeFloat, PositiveFloat, PositiveInt, check
-from .runs import RUN_SCHEMA, RunDir, load_weights, new_run_id, write_train_log
-
-__all__ = ["TrainConfig", "TrainState", "train", "lr_factor", "validation_probes", "load_weights",
-           "RunConflict", "TrainingDiverged", "SCHEDULES", "PROBE_PGD_STEPS"]
+from .runs import RUN_SCHEMA, RunDir, new_run_id, write_train_log
 
 SCHEDULES = ("step", "onecycle", "constant")
 # Steps of the per-epoch validation PGD by dataset family (its step is the dataset's usual PGD step).
@@ -245,7 +242,7 @@ def _start(cfg: TrainConfig, run: RunDir, x: torch.Tensor, y: torch.Tensor, devi
 # One epoch
 
 @dataclass
-class _Job:
+class TrainJob:
     """What every epoch uses and nothing saves: config, device, data, the method and the counters."""
     cfg: TrainConfig
     run: RunDir
@@ -258,7 +255,7 @@ class _Job:
     progress: bool
 
 
-def train_epoch(state: TrainState, job: _Job) -> tuple[dict[str, float], float]:
+def train_epoch(state: TrainState, job: TrainJob) -> tuple[dict[str, float], float]:
     """One pass over the shuffled training data; returns (train_* columns of the log row, seconds).
     Raises TrainingDiverged on a non-finite loss (checked every step on CPU, every 50 on a GPU)."""
     cfg, device, eps = job.cfg, job.device, job.cfg.resolved_eps()
@@ -306,7 +303,7 @@ def _count(ledger: dict, counter: PassCounter, samples: int, seconds: float) -> 
     counter.count.forward = counter.count.backward = 0.0
 
 
-def end_of_epoch(state: TrainState, job: _Job, train_row: dict, seconds: float) -> dict:
+def end_of_epoch(state: TrainState, job: TrainJob, train_row: dict, seconds: float) -> dict:
     """Validation probes, the log row, model selection and saving (weights, log, resume state)."""
     cfg, run, model = job.cfg, job.run, state.model
     with Stopwatch(job.device) as probe_watch:
@@ -348,7 +345,7 @@ def _cost(cfg: TrainConfig, options, ledger: dict, device) -> dict:
     }
 
 
-def run_record(state: TrainState, job: _Job, n_train: int) -> dict:
+def run_record(state: TrainState, job: TrainJob, n_train: int) -> dict:
     """The content of run.json (gmr/schemas/run.schema.json) of a finished run."""
     cfg = job.cfg
     by_epoch = {row["epoch"]: row for row in state.log}
@@ -383,7 +380,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict:
     x_tr, y_tr = (t.to(device) for t in load_split(cfg.data_spec(), Split.TRAIN))
     x_va, y_va = (t.to(device) for t in load_split(cfg.data_spec(), Split.VAL))
     state = _start(cfg, run, x_tr, y_tr, device)
-    job = _Job(cfg, run, device, x_va, y_va, METHODS.get(cfg.method).fn,
+    job = TrainJob(cfg, run, device, x_va, y_va, METHODS.get(cfg.method).fn,
                make_options(cfg.method, cfg.dataset, cfg.method_options), PassCounter(state.model), progress)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

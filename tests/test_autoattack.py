@@ -17,6 +17,7 @@ from gmr.autoattack_adapter import (AutoAttackConfig, remove_state, run_autoatta
 from gmr.report.cards import load_schema
 from gmr.data import DataSpec, Split, load_split
 from gmr.evaluate import attack_correct, resolve_params
+from gmr.runs import RunDir
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,10 +169,8 @@ def test_state_of_another_configuration_is_not_resumed(quantised, tmp_path):
 
 
 def test_our_pgd_is_as_strong_as_apgd_ce_first_restart(make_run):
-    from gmr.evaluate import load_run_model
-
     run = make_run("standard", lr=0.05, schedule="onecycle", n_train=2000)
-    model, meta = load_run_model(run, "best", torch.device("cpu"))
+    model, meta, _ = RunDir(run).load_model("best", torch.device("cpu"))
     x, y = load_split(DataSpec("mnist", Path(meta["config"]["data_root"]), n_test=48), Split.TEST)
     eps = 0.1  # a budget where this model keeps part of its accuracy, so the comparison means something
     params = resolve_params("pgd", "mnist", {})  # the paper code's MNIST PGD: 100 steps of 0.01

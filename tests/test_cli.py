@@ -1,7 +1,8 @@
-"""The `gmr` command line: train end to end, YAML config with overrides, bad input exits 2 with one
-line before any work, evaluate writes JSON + npz."""
+"""The `gmr` command line: train end to end, YAML config with overrides, --keep-resume-state, bad input
+exits 2 with one line before any work, evaluate writes JSON + npz once and loads the model once."""
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from gmr.data import list_datasets
 from gmr.methods import list_methods
 from gmr.models import list_models
 
-FILES = ["run.json", "train_log.csv", "model_best.pt", "model_last.pt", "checkpoint.pt"]
+FILES = ["run.json", "train_log.csv", "model_best.pt", "model_last.pt"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,8 +36,9 @@ def test_train_end_to_end(tmp_path, mnist_root, capsys):
     assert main(tiny_args(mnist_root, out)) == 0
     for name in FILES:
         assert (out / name).is_file(), name
+    assert not (out / "checkpoint.pt").exists()
     meta = json.loads((out / "run.json").read_text())
-    assert meta["status"] == "complete"
+    assert meta["status"] == "complete" and meta["resume_state_kept"] is False
     assert meta["config"]["model"] == "tiny_cnn" and meta["config"]["n_train"] == 128
     assert meta["data"]["n_train"] == 128 and meta["data"]["n_val"] == 32
     printed = capsys.readouterr().out
@@ -45,6 +47,15 @@ def test_train_end_to_end(tmp_path, mnist_root, capsys):
     stamp = (out / "model_last.pt").stat().st_mtime_ns
     assert main(tiny_args(mnist_root, out)) == 0
     assert (out / "model_last.pt").stat().st_mtime_ns == stamp
+
+
+def test_keep_resume_state(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    assert main(tiny_args(mnist_root, out, "--keep-resume-state")) == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["resume_state_kept"] is True and meta["config"]["keep_resume_state"] is True
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["run_id"] == meta["run_id"] and state["epoch"] == 1
 
 
 def test_train_console_script(tmp_path, mnist_root):
@@ -93,6 +104,7 @@ BAD = {
     "opt without value": (["--opt", "clean_fraction"], lambda m: "KEY=VALUE" in m),
     "bad opt value": (["--opt", "clean_fraction=lots"], lambda m: "clean_fraction" in m),
     "bad schedule": (["--schedule", "cosine"], lambda m: "step" in m and "onecycle" in m),
+    "zero threads": (["--threads", "0"], lambda m: "threads must be int >= 1" in m),
 }
 
 
@@ -152,12 +164,34 @@ def test_run_conflict_exits_2(tmp_path, mnist_root, capsys):
     assert len(lines) == 1 and "another configuration" in lines[0]
 
 
-def test_evaluate_writes_json_and_npz(make_run, tmp_path, capsys):
+def test_evaluate_writes_json_and_npz(make_run, tmp_path, capsys, monkeypatch):
+    from gmr import io, runs
+
     run = make_run("fgsm")
     out = tmp_path / "eval" / "fgsm.json"
+    loads, writes = [], []
+    real_load, real_write = runs.RunDir.load_model, io.atomic_path
+
+    def load_model(self, *args, **kwargs):
+        loads.append(self.path)
+        return real_load(self, *args, **kwargs)
+
+    def atomic_path(path):
+        writes.append(Path(path).name)
+        return real_write(path)
+
+    monkeypatch.setattr(runs.RunDir, "load_model", load_model)
+    monkeypatch.setattr(importlib.import_module("gmr.evaluate"), "atomic_path", atomic_path)
+    monkeypatch.setattr(io, "atomic_path", atomic_path)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.append(n))
     assert main(["evaluate", "--run", str(run), "--attacks", "clean,fgsm,pgd", "--n-test", "20",
-                 "--device", "cpu", "--out", str(out)]) == 0
+                 "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
+    assert loads == [run], "the model is loaded once"
+    assert sorted(writes) == ["fgsm.json", "fgsm.npz"], "each file is written once"
+    assert threads == [1]
     record = json.loads(out.read_text())
+    assert record["run_id"] == json.loads((run / "run.json").read_text())["run_id"]
     assert record["n_examples"] == 20
     assert set(record["attacks"]) == {"clean", "fgsm", "pgd"}
     npz = np.load(out.with_suffix(".npz"))

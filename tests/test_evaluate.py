@@ -1,6 +1,6 @@
-"""`gmr evaluate` and `gmr card`: the full record against its JSON Schema, per-example files and the
-exact worst case, eps sweeps, transfer attacks, parameter overrides, model cards, reference numbers,
-attack outputs inside the eps-ball, and bad input (exit 2, one line, no files)."""
+"""`gmr evaluate` and `gmr card`: the full record against its JSON Schema (with the run ids), per-example
+files and the exact worst case, eps sweeps, transfer attacks, parameter overrides, model cards, reference
+numbers, attack outputs inside the eps-ball, --reuse-from, and bad input (exit 2, one line, no files)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,8 @@ from gmr import attacks
 from gmr.report.cards import load_reference, load_schema, make_card, reference_rows, validate
 from gmr.cli import main
 from gmr.data import DataSpec, Split, load_split
-from gmr.evaluate import list_attacks, load_run_model, resolve_params, whitebox_attacks
+from gmr.evaluate import attack_param_names, list_attacks, resolve_params, whitebox_attacks
+from gmr.runs import RunDir
 
 TARGET = dict(method="standard", lr=0.05, schedule="onecycle", n_train=2000)  # learns in one epoch
 
@@ -41,7 +42,7 @@ def test_schemas_are_valid_json_schemas():
 
 @pytest.mark.parametrize("name", whitebox_attacks())
 def test_attack_outputs_stay_in_the_eps_ball_and_in_0_1(target, name):
-    model, meta = load_run_model(target, "best", torch.device("cpu"))
+    model, meta, _ = RunDir(target).load_model("best", torch.device("cpu"))
     x, y = load_split(DataSpec("mnist", Path(meta["config"]["data_root"]), n_test=16), Split.TEST)
     defaults = attacks.attack_defaults(name, "mnist")
     short = {k: v for k, v in (("steps", 3), ("restarts", 2)) if k in defaults}
@@ -74,6 +75,7 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
     for key in ("method", "dataset", "model", "checkpoint", "train_seed", "n_examples", "eps", "run"):
         assert key in record
     assert (record["method"], record["dataset"], record["checkpoint"], record["n_examples"]) == ("standard", "mnist", "best", 16)
+    assert record["run_id"] == RunDir(target).record()["run_id"] and "reused_from" not in record
     assert record["eps"] == 0.3 and record["seed"] == 3
     assert set(record["versions"]) >= {"torch", "pyautoattack", "gmr"} and record["versions"]["pyautoattack"] == "0.2.0"
     attacks_ = record["attacks"]
@@ -122,6 +124,7 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
     assert set(record["transfer"]) == {"fgsm", "rfgsm", "pgd"}
     for name, entry in record["transfer"].items():
         assert entry["source_run"] == str(source) and entry["source_method"] == "fgsm"
+        assert entry["source_run_id"] == RunDir(source).record()["run_id"]
         assert entry["accuracy"] == pytest.approx(npz[f"transfer_{name}"].mean())
 
     # model card
@@ -205,7 +208,12 @@ def _corrupt_run(run: Path, tmp_path: Path) -> Path:
     ("missing run", ["--run", "{tmp}/nowhere"], "no such run directory"),
     ("corrupt checkpoint", ["--run", "{corrupt}"], "cannot load checkpoint"),
     ("unknown parameter", ["--attack-param", "pgd.stepz=3"], "unknown parameter 'stepz' of attack pgd; valid: "),
-    ("bad parameter value", ["--attack-param", "pgd.steps=0"], "pgd.steps must be an integer >= 1"),
+    ("bad parameter value", ["--attack-param", "pgd.steps=0"], "parameter pgd.steps must be int >= 1, got 0"),
+    ("bool for a count", ["--attack-param", "pgd.restarts=true"], "parameter pgd.restarts must be int >= 1, got True"),
+    ("bad loss", ["--attack-param", "pgd_cw.loss=mse"], "parameter pgd_cw.loss must be one of ce, cw"),
+    ("negative alpha", ["--attack-param", "rfgsm.alpha=-0.1"], "parameter rfgsm.alpha must be float >= 0"),
+    ("zero step", ["--attack-param", "pgd.step_size=0"], "parameter pgd.step_size must be float > 0"),
+    ("zero threads", ["--threads", "0"], "threads must be int >= 1"),
     ("bad parameter syntax", ["--attack-param", "pgd=3"], "--attack-param needs ATTACK.KEY=VALUE"),
     ("unknown transfer source", ["--transfer-from", "{tmp}/nowhere"], "--transfer-from"),
     ("aa version", ["--attacks", "autoattack", "--aa-version", "rand"], "unknown AutoAttack version"),
@@ -232,3 +240,69 @@ def test_bad_input_exits_2_with_one_line_and_no_files(target, tmp_path, capsys, 
     assert len(lines) == 1 and lines[0].startswith("gmr evaluate: error: "), err
     assert text in lines[0], lines[0]
     assert _files(tmp_path / "out") == []
+
+
+def test_attack_parameters_come_from_the_attack_signatures():
+    assert attack_param_names("pgd") == ["steps", "step_size", "restarts", "loss", "random_start"]
+    assert attack_param_names("rfgsm") == ["alpha"] and attack_param_names("fgsm") == []
+    assert attack_param_names("ifgsm") == ["steps", "step_size"]
+
+
+# --------------------------------------------------------------------------------------------------
+# --reuse-from: the last model's evaluation copies the best model's when they are the same weights
+
+ARGS = ["--n-test", "12", "--device", "cpu", "--attacks", "clean,fgsm,pgd", "--attack-param", "pgd.steps=2",
+        "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def best_eval(target, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reuse") / "best.json"
+    assert main(["evaluate", "--run", str(target), "--checkpoint", "best", *ARGS, "--out", str(out)]) == 0
+    return out
+
+
+def _no_model_loading(monkeypatch):
+    monkeypatch.setattr(RunDir, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def test_reuse_when_best_is_last(target, best_eval, tmp_path, monkeypatch, capsys):
+    assert RunDir(target).same_weights()  # one epoch: best epoch == last epoch
+    out = tmp_path / "last.json"
+    _no_model_loading(monkeypatch)
+    assert main(["evaluate", "--run", str(target), "--checkpoint", "last", *ARGS,
+                 "--reuse-from", str(best_eval), "--out", str(out)]) == 0
+    record, best = json.loads(out.read_text()), json.loads(best_eval.read_text())
+    validate(record, "eval")
+    assert record["checkpoint"] == "last" and record["reused_from"] == "best.json"
+    assert record["per_example_file"] == "last.npz" and record["run_id"] == best["run_id"]
+    assert {k: v for k, v in record.items() if k not in ("checkpoint", "reused_from", "per_example_file")} == \
+           {k: v for k, v in best.items() if k not in ("checkpoint", "per_example_file")}
+    a, b = np.load(best_eval.with_suffix(".npz")), np.load(out.with_suffix(".npz"))
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert "reused best.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["other settings", "best is not last", "no file yet", "same checkpoint"])
+def test_reuse_falls_back_to_evaluating(target, best_eval, tmp_path, monkeypatch, case):
+    args, checkpoint, source = list(ARGS), "last", best_eval
+    if case == "other settings":
+        args[args.index("pgd.steps=2")] = "pgd.steps=3"
+    elif case == "best is not last":
+        monkeypatch.setattr(RunDir, "same_weights", lambda self, record=None: False)
+    elif case == "no file yet":
+        source = tmp_path / "not-there.json"
+    else:
+        checkpoint = "best"
+    out = tmp_path / "out.json"
+    assert main(["evaluate", "--run", str(target), "--checkpoint", checkpoint, *args,
+                 "--reuse-from", str(source), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    validate(record, "eval")
+    assert "reused_from" not in record and record["checkpoint"] == checkpoint
+    if case == "other settings":
+        assert record["attacks"]["pgd"]["params"]["steps"] == 3
+    else:  # the same weights, seeds and points: evaluating gives the numbers the copy would have
+        best = json.loads(best_eval.read_text())
+        assert {k: v["accuracy"] for k, v in record["attacks"].items()} == \
+               {k: v["accuracy"] for k, v in best["attacks"].items()}

@@ -1,8 +1,11 @@
 """Training methods: smoke steps, counted passes = declared cost, GMR against a hand computation,
-eval mode during attacks and train mode during the update, per-dataset option defaults."""
+eval mode during attacks and train mode during the update, per-dataset option defaults, and the typed
+options builder that checks them (gmr.options)."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from torch import nn
 from gmr.cost import PassCounter
 from gmr.methods import METHODS, make_options, method_cost
 from gmr.models import create_model
+from gmr.options import NonNegativeFloat, PositiveFloat, PositiveInt, build, check, convert_values
 
 ALL = METHODS.names()
 
@@ -273,3 +277,79 @@ def test_unknown_method_lists_valid_methods():
     with pytest.raises(ValueError) as info:
         make_options("gmrr", "mnist")
     assert all(name in str(info.value) for name in ALL)
+
+
+# --------------------------------------------------------------------------------------------------
+# The typed options builder (gmr.options), shared by method options, configs and attack parameters
+
+@dataclasses.dataclass
+class _Opts:
+    steps: PositiveInt = 1
+    size: float | None = None
+    on: bool = False
+    loss: Literal["ce", "cw"] = "ce"
+    budgets: list[float] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def test_builder_converts_and_fills_defaults():
+    o = build(_Opts, {"steps": 3, "size": 2, "on": True, "budgets": [1, 0.5]})
+    assert o == _Opts(steps=3, size=2.0, on=True, budgets=[1.0, 0.5])
+    assert isinstance(o.size, float) and all(isinstance(b, float) for b in o.budgets)
+    # command-line text is read as the annotated type only when asked for
+    o = build(_Opts, {"steps": "4", "size": "none", "on": "yes", "loss": "cw", "budgets": "0.1,0.2"}, strings=True)
+    assert o == _Opts(steps=4, size=None, on=True, loss="cw", budgets=[0.1, 0.2])
+    with pytest.raises(ValueError, match="option steps must be int >= 1, got '4'"):
+        build(_Opts, {"steps": "4"})
+
+
+def test_builder_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ValueError) as info:
+        build(_Opts, {"stepz": 3, "on": True})
+    assert str(info.value) == "unknown option 'stepz'; valid: steps, size, on, loss, budgets, extra"
+    with pytest.raises(ValueError, match=r"unknown parameter 'a', 'b' of attack pgd; valid: steps"):
+        convert_values(_Opts, {"a": 1, "b": 2}, kind="parameter", owner="attack", scope="pgd")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"steps": True}, "option steps must be int >= 1, got True"),      # a switch is not a count
+    ({"steps": 2.0}, "option steps must be int >= 1, got 2.0"),
+    ({"steps": 0}, "option steps must be int >= 1, got 0"),
+    ({"on": 1}, "option on must be bool, got 1"),                       # a count is not a switch
+    ({"on": "yes"}, "option on must be bool, got 'yes'"),
+    ({"size": True}, "option size must be float or None, got True"),
+    ({"size": "0.3"}, "option size must be float or None, got '0.3'"),
+    ({"loss": "mse"}, "option loss must be one of ce, cw, got 'mse'"),
+    ({"budgets": [0.1, "x"]}, "option budgets must be a list of float, got [0.1, 'x']"),
+    ({"extra": [1]}, "option extra must be a mapping of key: value, got [1]"),
+])
+def test_builder_wrong_type_is_one_line(values, message):
+    with pytest.raises(ValueError) as info:
+        build(_Opts, values)
+    assert str(info.value) == message
+
+
+def test_builder_bounds_reject_nan_and_inf():
+    @dataclasses.dataclass
+    class Step:
+        size: PositiveFloat = 1.0
+        alpha: NonNegativeFloat = 0.0
+
+    assert build(Step, {"size": 0.5, "alpha": 0}).alpha == 0.0
+    for bad in ({"size": 0.0}, {"size": math.inf}, {"alpha": -0.1}, {"alpha": math.nan}):
+        with pytest.raises(ValueError, match="must be float [>]"):
+            build(Step, bad)
+
+
+def test_check_rechecks_an_instance_built_in_code():
+    check(_Opts(steps=2))
+    with pytest.raises(ValueError, match="option on must be bool, got 'no'"):
+        check(_Opts(on="no"))
+
+
+def test_method_options_reject_bool_int_confusion():
+    with pytest.raises(ValueError, match="option gmr.projected must be bool, got 2"):
+        make_options("gmr", "mnist", {"projected": 2})
+    with pytest.raises(ValueError, match="option pgd.steps must be int, got True"):
+        make_options("pgd", "mnist", {"steps": True})
+    assert make_options("pgd", "mnist", {"steps": "5"}).steps == 5

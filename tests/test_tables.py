@@ -1,6 +1,9 @@
-"""gmr.tables and `gmr tables` on hand-made result files with known answers (no training)."""
+"""gmr.report.tables and `gmr tables` on hand-made result files with known answers (no training).
+
+The helpers here write schema-valid run directories and records; tests/test_plots.py uses them too."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -8,41 +11,58 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gmr.report import tables
+from gmr import methods
 from gmr.cli import main
+from gmr.cost import PassCount
+from gmr.report import reference, tables
+from gmr.report.render import FORMATS
+from gmr.runs import validate_record
 
 CIFAR_EPS = 8 / 255
 
 
 def make_run(root: Path, method: str, seed: int, *, dataset="mnist", model="lenet_plus", eps=0.3,
              train_seconds=10.0, pgd_curve=(0.3, 0.4, 0.45), fgsm_curve=(0.5, 0.6, 0.65), options=None) -> Path:
+    """A finished run directory: run.json (valid against its schema) and train_log.csv."""
     d = root / f"{dataset}-{model}-{method}-{eps:.4f}-s{seed}"
     d.mkdir(parents=True)
     epochs = len(pgd_curve)
+    passes = {"pgd": 11.0, "gmr": 4.0}.get(method, 2.0)
+    log = [{"epoch": e + 1, "val_clean": 0.9, "val_fgsm": f, "val_ifgsm3": p, "val_pgd": p,
+            "val_logit_dist": 0.1 * (e + 1), "val_grad_align": 0.5}
+           for e, (p, f) in enumerate(zip(pgd_curve, fgsm_curve))]
     meta = {
-        "schema": "gmr.run/1", "status": "complete",
-        "config": {"dataset": dataset, "model": model, "method": method, "seed": seed, "epochs": epochs},
-        "eps": eps, "method_options": options or {}, "data": {"n_train": 1000},
-        "selection": {"best_epoch": epochs, "last_epoch": epochs},
+        "schema": "gmr.run/1", "run_id": f"{method}-{dataset}-seed{seed}-{hashlib.sha1(bytes(d)).hexdigest()[:8]}",
+        "status": "complete",
+        "config": {"dataset": dataset, "model": model, "method": method, "seed": seed, "epochs": epochs,
+                   "batch_size": 32, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "step"},
+        "config_identity": {}, "eps": eps, "method_options": options or {},
+        "data": {"n_train": 1000, "n_val": 100},
+        "selection": {"criterion": "val_ifgsm3", "best_epoch": epochs, "last_epoch": epochs},
+        "metrics": {"best": log[-1], "last": log[-1]},
         "cost": {"train_seconds": train_seconds, "seconds_per_epoch": train_seconds / epochs,
-                 "passes_per_sample": {"pgd": 11.0, "gmr": 4.0}.get(method, 2.0),
-                 "declared_passes_per_sample": {"pgd": 11.0, "gmr": 4.0}.get(method, 2.0),
-                 "images_per_second": 1000 / train_seconds, "peak_memory_mb": 900.0,
-                 "device": "cpu", "device_name": "x86_64", "threads": 1},
+                 "passes": passes * 1000 * epochs / 2, "passes_per_sample": passes,
+                 "declared_passes_per_sample": passes, "images_per_second": 1000 / train_seconds,
+                 "peak_memory_mb": 900.0, "device": "cpu", "device_name": "x86_64", "threads": 1},
+        "finished": "2026-01-01T00:00:00",
     }
+    validate_record(meta)
     (d / "run.json").write_text(json.dumps(meta))
-    lines = ["epoch,val_clean,val_fgsm,val_ifgsm3,val_pgd"]
-    lines += [f"{e + 1},0.9,{f},{p},{p}" for e, (p, f) in enumerate(zip(pgd_curve, fgsm_curve))]
+    lines = [",".join(log[0])] + [",".join(str(v) for v in row.values()) for row in log]
     (d / "train_log.csv").write_text("\n".join(lines) + "\n")
     return d
+
+
+def run_id(run: Path) -> str:
+    return json.loads((run / "run.json").read_text())["run_id"]
 
 
 def make_eval(run: Path, checkpoint: str, accs: dict[str, float], n=500, name=None, steps=None) -> Path:
     meta = json.loads((run / "run.json").read_text())
     cfg = meta["config"]
-    rec = {"schema": "gmr.eval/1", "run": str(run), "checkpoint": checkpoint, "method": cfg["method"],
-           "dataset": cfg["dataset"], "model": cfg["model"], "train_seed": cfg["seed"], "n_examples": n,
-           "eps": meta["eps"],
+    rec = {"schema": "gmr.eval/1", "run": str(run), "run_id": meta["run_id"], "checkpoint": checkpoint,
+           "method": cfg["method"], "dataset": cfg["dataset"], "model": cfg["model"], "train_seed": cfg["seed"],
+           "n_examples": n, "eps": meta["eps"],
            "attacks": {a: {"accuracy": v, "n_examples": n, "eps": 0.0 if a == "clean" else meta["eps"],
                            "params": {"steps": steps} if steps and a.startswith("pgd") else {}}
                        for a, v in accs.items()}}
@@ -51,21 +71,38 @@ def make_eval(run: Path, checkpoint: str, accs: dict[str, float], n=500, name=No
     return path
 
 
-def make_audit(run: Path, masking: str, failed=()) -> Path:
+def make_audit(run: Path, masking: str, failed=(), out: Path | None = None, **summary) -> Path:
+    """audit.json of the run's selected model, in `out` (default: the run directory)."""
     meta = json.loads((run / "run.json").read_text())
     cfg = meta["config"]
     checks = [{"name": c, "value": 1.0, "threshold": 0.5, "passed": False, "role": "evidence",
                "explanation": "x", "source": "s"} for c in failed]
     checks.append({"name": "clean_accuracy", "value": 0.9, "threshold": None, "passed": None, "role": "info",
                    "explanation": "x", "source": "s"})
-    audit = {"schema": "gmr.audit/1", "run": str(run), "checkpoint": "best", "method": cfg["method"],
-             "dataset": cfg["dataset"], "model": cfg["model"], "train_seed": cfg["seed"], "eps": meta["eps"],
+    audit = {"schema": "gmr.audit/1", "run": str(run), "run_id": meta["run_id"], "checkpoint": "best",
+             "method": cfg["method"], "dataset": cfg["dataset"], "model": cfg["model"], "train_seed": cfg["seed"],
+             "eps": meta["eps"], "n_examples": 16,
              "summary": {"clean_accuracy": 0.9, "fgsm_accuracy": 0.8, "pgd_accuracy": 0.1,
-                         "fgsm_pgd_accuracy_gap": 0.7, "gradient_alignment": 0.2},
+                         "fgsm_pgd_accuracy_gap": 0.7, "gradient_alignment": 0.2, **summary},
              "checks": checks, "verdict": {"masking": masking, "reasons": ["r"]}}
-    path = run / "audit.json"
+    out = out or run
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "audit.json"
     path.write_text(json.dumps(audit))
     return path
+
+
+@pytest.fixture
+def toy_method(monkeypatch):
+    """A method registered only here, with its title and colour (the registry is restored afterwards)."""
+    monkeypatch.setattr(methods.METHODS, "_entries", dict(methods.METHODS._entries))
+
+    @methods.register_method("toy_at", methods.NoOptions, cost=lambda o, b: PassCount(2, 2),
+                             description="clean training under another name", title="Toy-AT", color="#123456")
+    def toy_at(model, x, y, eps, o):
+        return methods.standard(model, x, y, eps, o)
+
+    return "toy_at"
 
 
 @pytest.fixture
@@ -84,7 +121,8 @@ def study(tmp_path):
         runs.append(r)
         evals += [make_eval(r, "best", {"clean": 0.95, "fgsm": 0.6, "pgd": 0.5}),
                   make_eval(r, "last", {"clean": 0.95, "fgsm": 0.6, "pgd": 0.5})]
-        audits.append(make_audit(r, "no" if seed == 0 else "inconclusive", [] if seed == 0 else ["gradient_alignment"]))
+        audits.append(make_audit(r, "no" if seed == 0 else "inconclusive",
+                                 [] if seed == 0 else ["gradient_alignment"]))
     r = make_run(tmp_path, "pgd", 0, train_seconds=100, options={"steps": 10})
     runs.append(r)
     evals += [make_eval(r, "best", {"clean": 0.9, "fgsm": 0.7, "pgd": 0.6})]
@@ -92,9 +130,7 @@ def study(tmp_path):
 
 
 def test_robustness_means_stds_and_co_rate(study):
-    runs, evals, audits = study
-    out = tables.robustness(tables.load_runs(runs), tables.load_evals(evals))
-    t = out["robustness_mnist"].set_index(["method", "checkpoint"])
+    t = tables.robustness(tables.load_results(*study), "mnist").set_index(["method", "checkpoint"])
     assert list(t.index) == [("fgsm", "best"), ("fgsm", "last"), ("gmr", "best"), ("gmr", "last"), ("pgd", "best")]
     assert t.loc[("fgsm", "best"), "fgsm_mean"] == pytest.approx(0.8)
     assert t.loc[("fgsm", "best"), "fgsm_std"] == pytest.approx(pd.Series([0.9, 0.7]).std())
@@ -135,7 +171,7 @@ def test_reference_matches_setting_and_step_count(tmp_path):
     ])
     run = make_run(tmp_path, "gmr", 0, dataset="cifar10", model="resnet18", eps=CIFAR_EPS)
     ev = make_eval(run, "best", {"clean": 0.80, "pgd": 0.45}, steps=20)
-    ref = tables.reference(tables.load_runs([run]), tables.load_evals([ev]), published)
+    ref = reference.compare(tables.load_evals([ev]), published)
     got = {(r.model, r.metric): (r.ours, r.delta) for r in ref.itertuples()}
     assert got[("ResNet-18", "clean")] == pytest.approx((80.0, 80.0 - 82.29))
     assert got[("ResNet-18", "PGD-20")] == pytest.approx((45.0, 45.0 - 46.23))
@@ -145,7 +181,7 @@ def test_reference_matches_setting_and_step_count(tmp_path):
 
 
 def test_shipped_reference_numbers_load():
-    ref = tables.reference_numbers()
+    ref = reference.reference_numbers()
     gmr = ref[(ref["method"] == "gmr") & (ref["model"] == "ResNet-18")].iloc[0]
     assert gmr["autoattack"] == pytest.approx(43.72)
 
@@ -155,16 +191,19 @@ def test_cli_writes_every_format(study, tmp_path, capsys):
     out = tmp_path / "tables"
     assert main(["tables", "--runs", *map(str, runs), "--evals", *map(str, evals),
                  "--audits", *map(str, audits), "--out", str(out)]) == 0
-    for name in ("robustness_mnist", "reference", "cost", "masking"):
-        for ext in ("csv", "md", "tex", "html"):
-            assert (out / f"{name}.{ext}").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{name}.{ext}" for name in ("robustness_mnist", "reference", "cost", "masking") for ext in FORMATS)
+    for p in out.iterdir():
+        assert p.stat().st_size > 0
     md = (out / "robustness_mnist.md").read_text()
     assert "| FGSM-AT   | selected" in md and "80.0 ± 14.1" in md and "1/2" in md
     tex = (out / "robustness_mnist.tex").read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "±" not in tex
     assert "<table" in (out / "masking.html").read_text()
+    assert (out / "cost.rst").read_text().startswith("**Training cost**\n\nTraining cost per method")
     csv = pd.read_csv(out / "robustness_mnist.csv")
     assert {"fgsm_mean", "fgsm_std", "fgsm_n", "co_rate"} <= set(csv.columns)
+    assert capsys.readouterr().out.startswith("4 tables (robustness_mnist, reference, cost, masking)")
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -175,15 +214,77 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.json" in err[0]
     assert main(["tables", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "t")]) == 2
-    assert not (tmp_path / "t" / "cost.csv").exists()
+    assert not (tmp_path / "t").exists()
 
 
-def test_evaluation_linked_to_its_run_by_setting_when_the_path_differs(tmp_path):
-    """A record written elsewhere names its run by a path relative to where `gmr evaluate` ran."""
+def test_records_are_linked_to_runs_by_run_id_only(tmp_path):
+    """A record names its run by id; where `gmr evaluate` saw the run (its path) does not matter."""
     run = make_run(tmp_path, "fgsm", 0, pgd_curve=(0.3, 0.05, 0.0), fgsm_curve=(0.5, 0.6, 0.9))
     ev = make_eval(run, "best", {"clean": 0.9, "fgsm": 0.8, "pgd": 0.0})
     rec = json.loads(ev.read_text())
-    rec["run"] = "results/runs/somewhere/else"
-    ev.write_text(json.dumps(rec))
-    t = tables.robustness(tables.load_runs([run]), tables.load_evals([ev]))["robustness_mnist"]
+    ev.write_text(json.dumps({**rec, "run": "results/runs/somewhere/else"}))
+    t = tables.robustness(tables.load_results([run], [ev]), "mnist")
     assert t.loc[0, "co_runs"] == 1 and t.loc[0, "clean_mean"] == 0.9 and t.loc[0, "eps"] == 0.3
+
+
+@pytest.mark.parametrize("case, text", [
+    ("no run_id", "has no run_id"),
+    ("unknown run_id", "none of the runs given"),
+    ("copied run", "have the same run_id"),
+])
+def test_unlinked_records_are_one_clear_error(tmp_path, capsys, case, text):
+    run = make_run(tmp_path, "gmr", 0)
+    ev = make_eval(run, "best", {"clean": 0.9})
+    runs = [run]
+    rec = json.loads(ev.read_text())
+    if case == "no run_id":
+        del rec["run_id"]
+    elif case == "unknown run_id":
+        rec["run_id"] = "gmr-mnist-seed0-00000000"
+    else:
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        (copy / "run.json").write_text((run / "run.json").read_text())
+        runs.append(copy)
+    ev.write_text(json.dumps(rec))
+    with pytest.raises(tables.TableInputError, match=text):
+        tables.load_results(runs, [ev])
+    assert main(["tables", "--runs", *map(str, runs), "--evals", str(ev), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and text in err[0] and (case == "copied run" or str(ev) in err[0])
+
+
+def test_a_method_registered_in_a_test_shows_its_title(tmp_path, toy_method):
+    runs = [make_run(tmp_path, m, 0, train_seconds=s) for m, s in ((toy_method, 5.0), ("pgd", 50.0))]
+    evals = [make_eval(r, "best", {"clean": 0.9, "pgd": 0.4}) for r in runs]
+    built = tables.build_tables(tables.load_results(runs, evals))
+    robust, cost = built["robustness_mnist"], built["cost"]
+    assert list(robust.numbers["method_title"]) == ["PGD-40 AT", "Toy-AT"]      # registration order
+    assert list(cost.numbers["method_title"]) == ["PGD-40 AT", "Toy-AT"]
+    assert cost.numbers.set_index("method").loc[toy_method, "time_vs_pgd_at"] == pytest.approx(0.1)
+    assert "Toy-AT" in list(robust.formatted.frame["method"]) and "Toy-AT" in list(cost.formatted.frame["method"])
+
+
+def test_a_registered_table_is_written_with_its_caption(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(tables.TABLES, "_entries", dict(tables.TABLES._entries))
+
+    @tables.register_table("seeds", title="Seeds per method", caption="How many runs each method has.")
+    def seeds(results):
+        numbers = results.runs.groupby("method").size().rename("n_runs").reset_index()
+        return numbers, numbers.astype(str), ["One row per method."]
+
+    @tables.register_table("runs", title="Runs on {dataset}", caption="Runs per dataset.", per_dataset=True)
+    def runs_of(results, dataset):
+        numbers = results.runs[results.runs["dataset"] == dataset][["run_id"]]
+        return numbers, numbers, []
+
+    assert tables.table_names(["mnist", "cifar10"]) == [
+        "robustness_cifar10", "robustness_mnist", "reference", "cost", "masking", "seeds",
+        "runs_cifar10", "runs_mnist"]
+    names, written = tables.make_tables(*study, tmp_path / "t")
+    assert names == ["robustness_mnist", "reference", "cost", "masking", "seeds", "runs_mnist"]
+    assert len(written) == len(names) * len(FORMATS)
+    assert pd.read_csv(tmp_path / "t" / "seeds.csv").to_dict("list") == {"method": ["fgsm", "gmr", "pgd"],
+                                                                         "n_runs": [2, 2, 1]}
+    assert (tmp_path / "t" / "seeds.rst").read_text() == "**Seeds per method**\n\nHow many runs each method has.\n"
+    assert "<h3>Runs on MNIST</h3>" in (tmp_path / "t" / "runs_mnist.html").read_text()

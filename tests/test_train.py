@@ -1,5 +1,6 @@
-"""The trainer: run files and fields, lr schedule, resume = unbroken run, conflicts, divergence,
-atomic outputs, safe checkpoints, the cost ledger and model selection."""
+"""The trainer: run files and fields (against the run schema), run ids, the resume state removed or
+kept, lr schedule, resume = unbroken run, conflicts, divergence, atomic outputs, safe checkpoints, the
+cost ledger, model selection and the dataset's probe defaults."""
 from __future__ import annotations
 
 import csv
@@ -15,13 +16,16 @@ import torch.nn.functional as F
 
 from gmr.cost import PassCount
 from gmr.methods import METHODS, MethodSpec, NoOptions, StepOutput, make_options, method_cost
+from gmr.models import create_model
 from gmr.registry import Entry
+from gmr.runs import load_weights
+from gmr.schemas import validate
 from gmr.train import RunConflict, TrainConfig, TrainingDiverged, lr_factor, train
 
 # `gmr.train` the attribute is the train function (gmr/__init__.py exports it): take the module itself
 gtrain = importlib.import_module("gmr.train")
 
-FILES = ["run.json", "train_log.csv", "model_best.pt", "model_last.pt", "checkpoint.pt"]
+FILES = ["run.json", "train_log.csv", "model_best.pt", "model_last.pt"]
 PROBES = ["val_clean", "val_fgsm", "val_ifgsm3", "val_pgd", "val_logit_dist", "val_grad_align"]
 
 
@@ -65,10 +69,13 @@ def test_run_writes_documented_files_and_fields(make_run):
     run = make_run("fgsm")
     for name in FILES:
         assert (run / name).is_file(), name
+    assert not (run / "checkpoint.pt").exists(), "a finished run keeps no resume state by default"
     assert not _tmp_files(run)
 
     meta = json.loads((run / "run.json").read_text())
+    validate(meta, "run")  # raises on any mismatch with gmr/schemas/run.schema.json
     assert meta["schema"] == "gmr.run/1" and meta["status"] == "complete"
+    assert meta["run_id"].startswith("fgsm-mnist-seed0-") and meta["resume_state_kept"] is False
     assert set(meta["config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert meta["config"]["method"] == "fgsm" and meta["config"]["model"] == "lenet_plus"
     assert meta["config_identity"] == TrainConfig(**meta["config"]).identity()
@@ -99,20 +106,33 @@ def test_run_writes_documented_files_and_fields(make_run):
 
 
 def test_checkpoints_load_with_weights_only(make_run):
-    run = make_run("fgsm")
+    run = make_run("fgsm", keep_resume_state=True)
     for name in ("model_best.pt", "model_last.pt"):
         obj = torch.load(run / name, map_location="cpu", weights_only=True)
         assert obj["epoch"] == 1 and obj["model"] == "lenet_plus" and obj["dataset"] == "mnist"
-        model = gtrain.create_model("lenet_plus", "mnist")
+        model = create_model("lenet_plus", "mnist")
         model.load_state_dict(obj["state_dict"])
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert {"epoch", "config_identity", "model", "optimizer", "scheduler", "rng_cpu", "rng_data",
+    assert {"run_id", "epoch", "config_identity", "model", "optimizer", "scheduler", "rng_cpu", "rng_data",
             "best_metric", "best_epoch", "log", "ledger"} <= set(ckpt)
     assert ckpt["epoch"] == 1
     assert _same_weights(ckpt["model"], _state(run / "model_last.pt"))
-    assert gtrain.load_weights(run / "model_best.pt")["epoch"] == 1
+    meta = json.loads((run / "run.json").read_text())
+    assert ckpt["run_id"] == meta["run_id"] and meta["resume_state_kept"] is True
+    validate(meta, "run")
+    assert load_weights(run / "model_best.pt")["epoch"] == 1
     with pytest.raises(ValueError, match="cannot load"):
-        gtrain.load_weights(run / "run.json")
+        load_weights(run / "run.json")
+
+
+def test_resume_state_is_removed_at_the_end_unless_kept(tmp_path, mnist_root):
+    removed = train(tiny(mnist_root, epochs=1), tmp_path / "removed", progress=False)
+    kept = train(tiny(mnist_root, epochs=1, keep_resume_state=True), tmp_path / "kept", progress=False)
+    assert not (tmp_path / "removed" / "checkpoint.pt").exists()
+    assert (tmp_path / "kept" / "checkpoint.pt").is_file()
+    assert (removed["resume_state_kept"], kept["resume_state_kept"]) == (False, True)
+    assert _same_weights(_state(tmp_path / "removed" / "model_last.pt"), _state(tmp_path / "kept" / "model_last.pt"))
+    assert removed["run_id"] != kept["run_id"], "two runs of the same settings are two runs"
 
 
 @pytest.mark.parametrize("method", ["fgsm", "gmr"])
@@ -238,11 +258,15 @@ def test_resume_after_interrupt_equals_unbroken_run(monkeypatch, tmp_path, mnist
             train(cfg, broken, progress=False)
     assert calls["n"] == 11
     assert not (broken / "run.json").exists()
-    assert torch.load(broken / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    interrupted_state = torch.load(broken / "checkpoint.pt", weights_only=True)
+    assert interrupted_state["epoch"] == 1
     assert len(_log(broken)) == 1
     assert not _tmp_files(broken), "an interrupt must not leave temporary files"
 
     resumed = train(cfg, broken, progress=False)
+    assert resumed["run_id"] == interrupted_state["run_id"], "a resumed run keeps its id"
+    assert json.loads((broken / "run.json").read_text())["run_id"] == resumed["run_id"]
+    assert not (broken / "checkpoint.pt").exists()
     for name in ("model_last.pt", "model_best.pt"):
         assert _same_weights(_state(tmp_path / "unbroken" / name), _state(broken / name)), name
     a, b = _log(tmp_path / "unbroken"), _log(broken)
@@ -330,7 +354,8 @@ def bad_method(monkeypatch):
 
         name = f"diverge_{value}"
         monkeypatch.setitem(METHODS._entries, name,
-                            Entry(name, MethodSpec(fn, NoOptions, lambda o, b: PassCount(1, 1), {}, "test")))
+                            Entry(name, MethodSpec(fn, NoOptions, lambda o, b: PassCount(1, 1), {}, "test",
+                                                   "Diverge", "#000000")))
         return name
     return register
 
@@ -393,4 +418,23 @@ def test_bad_config_raises_before_work(tmp_path, overrides, match):
     cfg = tiny(tmp_path / "no-data", **overrides)
     with pytest.raises(ValueError, match=match):
         train(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dataset, steps, step_size", [
+    ("mnist", 40, 0.01), ("fashion_mnist", 40, 0.01), ("cifar10", 10, 2 / 255), ("svhn", 10, 2 / 255)])
+def test_probe_pgd_defaults_come_from_the_dataset(dataset, steps, step_size):
+    assert TrainConfig(dataset=dataset).probe_pgd() == (steps, pytest.approx(step_size))
+    assert TrainConfig(dataset=dataset, probe_pgd_steps=3, probe_pgd_step_size=0.5).probe_pgd() == (3, 0.5)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(epochs=True), "option epochs must be int >= 1, got True"),
+    (dict(lr="0.1"), "option lr must be float > 0, got '0.1'"),
+    (dict(keep_resume_state=1), "option keep_resume_state must be bool, got 1"),
+    (dict(threads=0), "option threads must be int >= 1 or None, got 0"),
+])
+def test_config_fields_are_checked_by_their_annotations(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        train(tiny(tmp_path, **overrides), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -13,12 +13,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..io import ensure_writable_dir, read_csv, write_csv
+from ..io import read_csv, write_csv
 from ..methods import method_color, method_title
 from ..runs import RunDir, catastrophic_overfitting_epoch
 from .style import (LOSS_FLOOR, _col, _draw_surface, _finish_training_axes, _log_x, _order_key, _surface_grid,
                     _training_axes, plt, save_figure)
-from .tables import TableInputError, check_links, read_record
+from .tables import TableInputError, check_link, read_record, read_run, writable_dir
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -67,7 +67,7 @@ def _finish_items(items: list[dict], sort_key, path_key: str, ckpt_key) -> list[
 def _load_runs(runs: Iterable[str | Path]) -> list[dict]:
     out = []
     for r in runs:
-        meta = RunDir(r).record("--runs")
+        meta = read_run(RunDir(r))
         method = meta["config"]["method"]
         out.append({"path": str(r), "meta": meta, "run_id": meta["run_id"], "method": method,
                     "title": method_title(method, meta.get("method_options")), "color": method_color(method),
@@ -75,27 +75,30 @@ def _load_runs(runs: Iterable[str | Path]) -> list[dict]:
     return _finish_items(out, lambda x: _order_key(x["method"], x["path"]), "path", lambda x: None)
 
 
-def _load_diagnostics(dirs: Iterable[str | Path], run_items: Sequence[dict] = ()) -> list[dict]:
-    """One item per `gmr diagnose` folder; its method's title is the one of the run it audited."""
+def _load_diagnostics(dirs: Iterable[str | Path], run_items: Sequence[dict]) -> list[dict]:
+    """One item per `gmr diagnose` folder of one of the runs; its method's title is that run's."""
     titles = {it["run_id"]: it["title"] for it in run_items}
     out = []
     for d in dirs:
-        audit = read_record(Path(d) / "audit.json", "audit")
-        method = audit["method"]
+        path = Path(d) / "audit.json"
+        audit = read_record(path, "audit")
+        check_link(audit, path, set(titles), "audit")
         out.append({"path": str(d), "audit": audit, "run_id": audit["run_id"], "run_path": audit["run"],
-                    "method": method,
-                    "title": titles.get(audit["run_id"], method_title(method)), "color": method_color(method),
-                    "seed": audit.get("train_seed")})
+                    "method": audit["method"], "title": titles[audit["run_id"]],
+                    "color": method_color(audit["method"]), "seed": audit.get("train_seed")})
     return _finish_items(out, lambda x: _order_key(x["method"], x["audit"]["run"] + x["audit"]["checkpoint"]),
                          "run_path", lambda x: x["audit"]["checkpoint"])
 
 
-def _load_evals(files: Iterable[str | Path]) -> list[dict]:
+def _load_evals(files: Iterable[str | Path], run_items: Sequence[dict]) -> list[dict]:
+    """The evaluation records, each of one of the runs."""
+    ids = {it["run_id"] for it in run_items}
     records = []
     for f in files:
         record = read_record(f, "evaluation")
         if "attacks" not in record:
             raise TableInputError(f"{f} is not a `gmr evaluate` result (no 'attacks')")
+        check_link(record, f, ids, "evaluation")
         records.append(record)
     return records
 
@@ -103,14 +106,9 @@ def _load_evals(files: Iterable[str | Path]) -> list[dict]:
 def load_inputs(runs: Sequence[str | Path], diagnostics: Sequence[str | Path] = (),
                 evals: Sequence[str | Path] = ()) -> tuple[list[dict], list[dict], list[dict]]:
     """(run items, diagnose items, evaluation records), every audit and evaluation linked to one of the
-    runs by run_id; a ValueError naming the file otherwise."""
+    runs by run_id; TableInputError naming the file otherwise."""
     run_items = _load_runs(runs)
-    diag_items = _load_diagnostics(diagnostics, run_items)
-    records = _load_evals(evals)
-    ids = {it["run_id"] for it in run_items}
-    check_links([(d["run_id"], Path(d["path"]) / "audit.json") for d in diag_items], ids, "audit")
-    check_links([(r["run_id"], f) for r, f in zip(records, evals)], ids, "evaluation")
-    return run_items, diag_items, records
+    return run_items, _load_diagnostics(diagnostics, run_items), _load_evals(evals, run_items)
 
 
 def comparison_figures(runs: Sequence[str | Path], out: str | Path, diagnostics: Sequence[str | Path] = (),
@@ -118,7 +116,7 @@ def comparison_figures(runs: Sequence[str | Path], out: str | Path, diagnostics:
     """Draw the comparison figures (see the module docstring) into `out`; returns the files written.
     Every input is read and checked first: on bad input nothing is written, not even `out`."""
     run_items, diag_items, records = load_inputs(runs, diagnostics, evals)
-    out = ensure_writable_dir(out)
+    out = writable_dir(out)
     written: list[Path] = []
     if run_items:
         written += _cmp_training(run_items, out)
@@ -253,7 +251,8 @@ def _cmp_line(items, out) -> list[Path]:
         a1.plot(ts, np.median(L, 0), color=c, lw=2, ls=it["ls"],
                 label=f"{it['label']} (non-monotone {s['fgsm_loss_nonmonotone']:.0%})")
         a1.fill_between(ts, np.percentile(L, 25, 0), np.percentile(L, 75, 0), color=c, alpha=0.15)
-        a2.plot(ts, C.mean(0), color=c, lw=2, ls=it["ls"], label=f"{it['label']} (distorted {s['boundary_distortion']:.0%})")
+        a2.plot(ts, C.mean(0), color=c, lw=2, ls=it["ls"],
+                label=f"{it['label']} (distorted {s['boundary_distortion']:.0%})")
     eps = items[0]["audit"]["eps"]
     for ax in (a1, a2):
         ax.axvline(eps, color="k", ls="--", lw=1)

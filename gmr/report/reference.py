@@ -15,7 +15,7 @@ from importlib import resources
 
 import pandas as pd
 
-from ..data import eps_text
+from ..data import dataset_info, eps_text
 from .render import num
 
 # Published architecture names -> our model keys (the published tables name architectures their way).
@@ -100,7 +100,8 @@ def _ours_by_setting(evals: pd.DataFrame, checkpoint: str) -> list[dict]:
 
 def format_comparison(t: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Display columns and notes of the comparison (the reference table)."""
-    df = pd.DataFrame({"dataset": t["dataset"], "eps": [eps_text(e, d) for e, d in zip(t["eps"], t["dataset"])],
+    df = pd.DataFrame({"dataset": [dataset_info(d).title for d in t["dataset"]],
+                       "eps": [eps_text(e, d) for e, d in zip(t["eps"], t["dataset"])],
                        "model": t["model"], "method": t["method_name"], "metric": t["metric"],
                        "published": t["published"].map(lambda v: num(v, "{:.2f}")),
                        "ours": t["ours"].map(lambda v: num(v, "{:.2f}")),

@@ -118,8 +118,12 @@ def _rst(text: str) -> str:
 
 
 def to_caption(t: Table) -> str:
-    """The report caption: the title in bold, then the registered caption (plain text)."""
-    return f"**{_rst(t.formatted.title)}**\n\n{_rst(t.caption)}\n"
+    """The report caption: the title in bold, then the registered caption (plain text). Snakemake
+    renders a caption as a Jinja template first, so text that would read as Jinja is kept raw."""
+    text = f"**{_rst(t.formatted.title)}**\n\n{_rst(t.caption)}\n"
+    if any(tag in text for tag in ("{{", "{%", "{#")):
+        text = "{% raw %}" + text.replace("{% endraw %}", "{ % endraw % }") + "{% endraw %}\n"
+    return text
 
 
 def render(t: Table, fmt: str) -> str:

@@ -38,11 +38,11 @@ from typing import Callable, Iterable, Sequence
 import pandas as pd
 
 from ..data import dataset_info, eps_text
-from ..io import read_json
+from ..io import ensure_writable_dir, read_json
 from ..methods import method_rank, method_title
 from ..models import model_title
 from ..registry import Registry
-from ..runs import RunDir
+from ..runs import RunDir, RunError
 from .reference import compare, format_comparison
 from .render import Formatted, Table, drop_constant, missing, num, pct, write_tables
 
@@ -60,7 +60,9 @@ Parts = tuple[pd.DataFrame, pd.DataFrame, list[str]]   # numbers, display column
 
 
 class TableInputError(ValueError):
-    """A result file is missing, unreadable, not of the expected kind or not linked to a given run."""
+    """A result file given to the report layer (tables, figures) is missing, unreadable, not of the
+    expected kind or not linked to a given run; or the output folder cannot be written. The CLI shows
+    the message as one line; other errors are bugs and keep their traceback."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,12 +85,28 @@ def read_record(path: str | Path, kind: str) -> dict:
     return data
 
 
-def check_links(records: Iterable[tuple[str, str | Path]], run_ids: set[str], kind: str) -> None:
-    """Every (run_id, file) must name one of the runs given; TableInputError naming the first that does not."""
-    for run_id, path in records:
-        if run_id not in run_ids:
-            raise TableInputError(f"{kind} file {path} measured run {run_id}, which is none of the runs given; "
-                                  "pass its run directory too")
+def read_run(run: RunDir) -> dict:
+    """run.json of a finished run (checked against its schema); TableInputError otherwise."""
+    try:
+        return run.record("--runs")
+    except RunError as err:
+        raise TableInputError(str(err)) from None
+
+
+def writable_dir(out: str | Path) -> Path:
+    """The output folder, created; TableInputError when it cannot be written."""
+    try:
+        return ensure_writable_dir(out)
+    except ValueError as err:
+        raise TableInputError(str(err)) from None
+
+
+def check_link(record: dict, path: str | Path, run_ids: set[str] | None, kind: str) -> None:
+    """The record must name one of the runs given (all pass when `run_ids` is None); TableInputError
+    naming the file otherwise."""
+    if run_ids is not None and record["run_id"] not in run_ids:
+        raise TableInputError(f"{kind} file {path} measured run {record['run_id']}, which is none of the runs "
+                              "given; pass its run directory too")
 
 
 @dataclass
@@ -107,11 +125,9 @@ def load_results(run_dirs: Sequence[str | Path], eval_files: Sequence[str | Path
                  audit_files: Sequence[str | Path] = ()) -> Results:
     """Load every file and link evaluations and audits to the runs by run_id (TableInputError when a
     record names no given run, or two run directories share an id)."""
-    runs, evals, audits = load_runs(run_dirs), load_evals(eval_files), load_audits(audit_files)
+    runs = load_runs(run_dirs)
     ids = set(runs["run_id"]) if not runs.empty else set()
-    check_links(evals[["run_id", "file"]].itertuples(index=False), ids, "evaluation")
-    check_links(audits[["run_id", "file"]].itertuples(index=False) if not audits.empty else (), ids, "audit")
-    return Results(runs, evals, audits)
+    return Results(runs, load_evals(eval_files, ids), load_audits(audit_files, ids))
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
@@ -119,7 +135,7 @@ def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     rows, seen = [], {}
     for d in run_dirs:
         run = RunDir(Path(d).parent if Path(d).name == "run.json" else d)
-        meta = run.record("--runs")
+        meta = read_run(run)
         if meta["run_id"] in seen:
             raise TableInputError(f"runs {seen[meta['run_id']]} and {run.path} have the same run_id "
                                   f"{meta['run_id']} (a copied run directory?); give each run once")
@@ -155,8 +171,9 @@ def _eval_rows(f: str | Path, rec: dict) -> list[dict]:
     return rows
 
 
-def load_evals(files: Iterable[str | Path]) -> pd.DataFrame:
+def load_evals(files: Iterable[str | Path], run_ids: set[str] | None = None) -> pd.DataFrame:
     """One row per (evaluation file, attack): run_id, checkpoint, accuracy, test points, PGD steps.
+    With `run_ids`, every file must have measured one of those runs.
 
     Several files of one (run, checkpoint) are merged by attack; when two hold the same attack, the one
     on more test points wins (e.g. PGD on 1000 points over PGD on the AutoAttack subset)."""
@@ -165,6 +182,7 @@ def load_evals(files: Iterable[str | Path]) -> pd.DataFrame:
         rec = read_record(f, "evaluation")
         if "attacks" not in rec or "checkpoint" not in rec:
             raise TableInputError(f"{f} is not a `gmr evaluate` result (no attacks/checkpoint)")
+        check_link(rec, f, run_ids, "evaluation")
         rows += _eval_rows(f, rec)
     df = pd.DataFrame(rows, columns=EVAL_COLUMNS)
     if df.empty:
@@ -173,20 +191,22 @@ def load_evals(files: Iterable[str | Path]) -> pd.DataFrame:
     return df.drop_duplicates(["run_id", "checkpoint", "attack"]).sort_index()
 
 
-def load_audits(files: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per audit.json (or `gmr diagnose` folder): setting, verdict, failed checks, key probes."""
+def load_audits(files: Iterable[str | Path], run_ids: set[str] | None = None) -> pd.DataFrame:
+    """One row per audit.json (or `gmr diagnose` folder): setting, verdict, failed checks, key probes.
+    With `run_ids`, every audit must have measured one of those runs."""
     rows = []
     for f in files:
         f = Path(f) / "audit.json" if Path(f).is_dir() else Path(f)
         audit = read_record(f, "audit")
         if "verdict" not in audit or "checks" not in audit:
             raise TableInputError(f"{f} is not a `gmr diagnose` audit (no verdict/checks)")
+        check_link(audit, f, run_ids, "audit")
         summary = audit.get("summary", {})
         failed = [c["name"] for c in audit["checks"] if c.get("passed") is False]
         rows.append({"run_id": audit["run_id"], "checkpoint": audit["checkpoint"],
                      "dataset": audit["dataset"], "model": audit["model"], "eps": float(audit["eps"]),
                      "method": audit["method"], "seed": audit.get("train_seed"),
-                     "masking": audit["verdict"]["masking"], "failed": failed, "file": str(f),
+                     "masking": audit["verdict"]["masking"], "failed": failed,
                      **{k: summary.get(k) for k in AUDIT_VALUES}})
     return pd.DataFrame(rows)
 
@@ -244,10 +264,8 @@ def make_tables(run_dirs: Sequence[str | Path], eval_files: Sequence[str | Path]
                 audit_files: Sequence[str | Path], out: str | Path) -> tuple[list[str], list[Path]]:
     """Load the result files, build every registered table and write it in every format into `out`
     (nothing is written when an input is bad). Returns the table names and the files written."""
-    from ..io import ensure_writable_dir
-
     tables = build_tables(load_results(run_dirs, eval_files, audit_files))
-    return list(tables), write_tables(tables, ensure_writable_dir(out))
+    return list(tables), write_tables(tables, writable_dir(out))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +288,8 @@ def _titles(runs: pd.DataFrame) -> dict[tuple, str]:
 
 
 def _setting_columns(t: pd.DataFrame) -> dict[str, list]:
-    return {"dataset": list(t["dataset"]), "model": [model_title(m) for m in t["model"]],
+    return {"dataset": [dataset_info(d).title for d in t["dataset"]],
+            "model": [model_title(m) for m in t["model"]],
             "eps": [eps_text(e, d) for e, d in zip(t["eps"], t["dataset"])]}
 
 
@@ -324,17 +343,20 @@ def format_robustness(dataset: str, t: pd.DataFrame) -> tuple[pd.DataFrame, list
     df = pd.DataFrame({"model": setting["model"], "eps": setting["eps"], "method": t["method_title"],
                        "checkpoint": t["checkpoint"].map(CHECKPOINT_TITLES)})
     for a in attacks:
-        df[ATTACK_TITLES.get(a, a)] = [pct(m, s, n) for m, s, n in zip(t[f"{a}_mean"], t[f"{a}_std"], t["n_seeds"])]
+        df[ATTACK_TITLES.get(a, a)] = [pct(m, s, n)
+                                       for m, s, n in zip(t[f"{a}_mean"], t[f"{a}_std"], t["n_seeds"])]
     df["CO rate"] = [f"{r}/{n}" if not missing(r) else "–" for r, n in zip(t["co_runs"], t["n_seeds"])]
     df["seeds"] = t["n_seeds"].astype(int).astype(str)
     df, constant = drop_constant(df, ["model", "eps"])
     by_n: dict[int, list[str]] = {}
     for title, n in sorted({(ATTACK_TITLES.get(a, a), int(n)) for a in attacks for n in t[f"{a}_n"] if n}):
         by_n.setdefault(n, []).append(title)
-    notes = [f"Test accuracy (%) on {dataset_info(dataset).title}" + (f" ({', '.join(constant)})" if constant else "")
+    on = dataset_info(dataset).title + (f" ({', '.join(constant)})" if constant else "")
+    notes = [f"Test accuracy (%) on {on}"
              + ", mean ± std over training seeds; selected = the epoch with the best validation I-FGSM-3 "
              "accuracy (the paper's model selection), last = the final epoch.",
-             "Test points: " + "; ".join(f"{', '.join(v)} on the first {n}" for n, v in sorted(by_n.items())) + ".",
+             "Test points: " + "; ".join(f"{', '.join(v)} on the first {n}" for n, v in sorted(by_n.items()))
+             + ".",
              "CO rate: runs whose training log shows catastrophic overfitting (validation PGD accuracy "
              "fell far below an earlier best while FGSM accuracy held; criterion of "
              "gmr.runs.catastrophic_overfitting_epoch, after Wong et al. 2020) / seeds."]

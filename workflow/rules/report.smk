@@ -1,23 +1,20 @@
 # Tables (`gmr tables`) and figures (`gmr plots`) across all runs, marked for `snakemake --report`.
+#
+# The tables are the ones registered in gmr/report/tables.py (a new registered table is a new output
+# here, with no edit). `gmr tables` writes each in every format of gmr/report/render.py, among them
+# NAME.rst: the table's registered title and caption, which the report shows beside NAME.html.
 
-TABLE_FORMATS = ["csv", "md", "tex", "html"]
+from gmr.report.render import FORMATS as TABLE_FORMATS
+from gmr.report.tables import table_names as registered_table_names
 
 
 def table_names() -> list[str]:
-    return [f"robustness_{d}" for d in DATASETS] + ["reference", "cost", "masking"]
+    return registered_table_names(DATASETS)
 
 
 def table_files(fmt=None) -> list[str]:
     formats = [fmt] if fmt else TABLE_FORMATS
     return [f"{R}/tables/{name}.{f}" for name in table_names() for f in formats]
-
-
-def _run_dirs(files) -> str:
-    return " ".join(shlex.quote(os.path.dirname(f)) for f in files)
-
-
-def _quoted(files) -> str:
-    return " ".join(shlex.quote(f) for f in files)
 
 
 def _table_outputs():
@@ -26,11 +23,20 @@ def _table_outputs():
         for fmt in TABLE_FORMATS:
             path = f"{R}/tables/{name}.{fmt}"
             if fmt == "html":
-                caption = "../report/robustness.rst" if name.startswith("robustness_") else f"../report/{name}.rst"
-                path = report(path, caption=caption, category="Tables",
+                # the caption is an output of this rule; an absolute path, since Snakemake reads a
+                # relative one beside this file
+                path = report(path, caption=os.path.abspath(f"{R}/tables/{name}.rst"), category="Tables",
                               labels={"table": name.replace("_", " ")})
             out[f"{name}_{fmt}"] = path
     return out
+
+
+def _run_dirs(files) -> str:
+    return " ".join(shlex.quote(os.path.dirname(f)) for f in files)
+
+
+def _quoted(files) -> str:
+    return " ".join(shlex.quote(f) for f in files)
 
 
 rule tables:
