@@ -13,6 +13,10 @@ of one line that names the option and lists the valid keys, so a typo in a YAML 
 accepted where a `float` is expected and stored as a float. With `strings=True` (values typed on a
 command line) text is read as the annotated type: "7" -> 7.0, "true"/"no" -> bool, "none" -> None,
 "a,b" -> a list.
+
+Written by hand rather than with pydantic: its lax mode takes 1 and "yes" for True and 1.0 for 1
+where we refuse them, its strict mode refuses the strings a command line gives, its messages run to
+several lines, and the core package would gain a dependency that only the workflow extra has today.
 """
 from __future__ import annotations
 
