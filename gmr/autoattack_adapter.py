@@ -19,6 +19,12 @@ every restore fails with "different set of attacks"; a restored run would also r
 yet finished on the points still robust according to the state file, in a sub-run with its own state
 file, whose flags are merged back. A progress file beside the state keeps the per-attack counts and flags
 of the interrupted process. The three files are named by `state_files(state_path)`.
+
+A state is resumed only for the same evaluation: the settings (eps, norm, version, attacks, seed, batch
+size, number of points), the number of clean-correct points, and SHA-256 fingerprints of the weights
+attacked and of the points. Anything else (a retrained model in the same folder, other points, a progress
+file that cannot be read) starts afresh and says why in one line (a warning on the `gmr` logger, which
+the command prints on stderr, and the first line of the result's `log`).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import torch
 from torch import nn
 
 from .io import write_json
+from .runs import weights_digest
 
 LOGGER_NAME = "auto-attack"
 VERSIONS = ("standard", "plus", "custom")
@@ -51,6 +58,8 @@ INSTALL_HINT = "pip install --no-deps pyautoattack==0.2.0 (or pip install 'gmr-b
 _PERTURBED = re.compile(r"^(\S+) - \d+/\d+ - (\d+) out of (\d+) successfully perturbed$")
 _FINISHED = re.compile(r"^robust accuracy after (\S+): ")
 _SQUARE_FLAG = "Square Attack has decreased"
+
+log = logging.getLogger("gmr")
 
 
 def pyautoattack_version() -> str | None:
@@ -134,10 +143,15 @@ class AutoAttackResult:
     x_adv: torch.Tensor | None = field(default=None, repr=False)
 
     def to_record(self) -> dict[str, Any]:
-        """The JSON entry of the evaluation record (`record["attacks"]["autoattack"]`)."""
+        """The JSON entry of the evaluation record (`record["attacks"]["autoattack"]`), with the interval
+        every accuracy carries (gmr.stats defaults)."""
+        from .stats import accuracy_interval
+
         c = self.config
+        low, high = accuracy_interval(int(self.robust.sum()), self.n_examples)
         return {
-            "attack": "autoattack", "accuracy": self.accuracy, "n_correct": int(self.robust.sum()),
+            "attack": "autoattack", "accuracy": self.accuracy, "ci_low": low, "ci_high": high,
+            "n_correct": int(self.robust.sum()),
             "n_examples": self.n_examples, "eps": float(c.eps), "norm": c.norm, "version": c.version,
             "attacks_run": list(c.cascade()), "per_attack": dict(self.per_attack),
             "skipped": list(self.skipped), "clean_accuracy": self.clean_accuracy,
@@ -325,16 +339,45 @@ def _fresh(model, x, y, cfg, device, state_path, clean, attacks, on_progress):
     return robust, {"after": dict(handler.after), "flags": list(handler.flags)}, x_adv.cpu(), handler.messages, False
 
 
-def _saved_progress(main: Path, progress_path: Path, progress: dict, n: int) -> dict | None:
-    """The progress file of an interrupted evaluation of the same configuration, or None."""
+def _check_progress(saved: Any) -> None:
+    """Raise ValueError when a progress file does not have the shape this module writes."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("identity"), dict):
+        raise ValueError("no identity mapping")
+    after, flags = saved.get("after"), saved.get("flags")
+    if not isinstance(after, dict) or not all(isinstance(v, int) and v >= 0 for v in after.values()):
+        raise ValueError("'after' is not a mapping of attack: robust count")
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise ValueError("'flags' is not a list of texts")
+    if not isinstance(saved.get("clean"), int):
+        raise ValueError("'clean' is not a count")
+
+
+def _saved_progress(main: Path, progress_path: Path, progress: dict, n: int) -> tuple[dict | None, str | None]:
+    """(the progress of an interrupted evaluation of the same configuration, weights and points, None),
+    or (None, why it is not resumed); why is None when there is nothing to resume."""
     if not (main.exists() and progress_path.exists()):
-        return None
-    saved = json.loads(progress_path.read_text())
+        return None, None
+    try:
+        saved = json.loads(progress_path.read_text())
+        _check_progress(saved)
+    except (OSError, ValueError) as err:
+        return None, f"{progress_path} is not a progress file of gmr ({str(err)[:120]})"
+    ident = saved["identity"]
+    if ident.get("weights_sha256") != progress["identity"]["weights_sha256"]:
+        return None, (f"{main} belongs to other model weights" if "weights_sha256" in ident else
+                      f"{main} names no fingerprint of the weights it attacked")
+    if ident != progress["identity"] or saved["clean"] != progress["clean"]:
+        return None, f"{main} belongs to another evaluation (eps, version, attacks, seed, points or batch size)"
     flags, _ = _read_state(main)
-    if (saved.get("identity") == progress["identity"] and saved.get("clean") == progress["clean"]
-            and flags is not None and len(flags) == n):
-        return saved
-    return None
+    if flags is None or len(flags) != n:
+        return None, f"{main} is not a readable AutoAttack state of {n} points"
+    return saved, None
+
+
+def _identity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AutoAttackConfig) -> dict[str, Any]:
+    """What a state must match to be resumed: the settings, and fingerprints of the weights and points."""
+    return {**cfg.identity(len(x)), "weights_sha256": weights_digest(model.state_dict()),
+            "data_sha256": weights_digest({"x": x, "y": y})}
 
 
 def _fold_sub_run(main: Path, sub: Path, cascade, clean) -> torch.Tensor:
@@ -354,9 +397,12 @@ def _fold_sub_run(main: Path, sub: Path, cascade, clean) -> torch.Tensor:
 
 def _resumable(model, x, y, cfg: AutoAttackConfig, device, state_path: Path, clean, cascade):
     main, sub, progress_path = state_files(state_path)
-    progress = {"identity": cfg.identity(len(x)), "after": {}, "flags": [], "clean": int(clean.sum())}
-    saved = _saved_progress(main, progress_path, progress, len(x))
+    progress = {"identity": _identity(model, x, y, cfg), "after": {}, "flags": [], "clean": int(clean.sum())}
+    saved, why_not = _saved_progress(main, progress_path, progress, len(x))
     if saved is None:
+        note = [f"gmr: not resuming AutoAttack: {why_not}; starting afresh"] if why_not else []
+        for line in note:
+            log.warning(line)
         remove_state(main)
         progress_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -364,34 +410,19 @@ def _resumable(model, x, y, cfg: AutoAttackConfig, device, state_path: Path, cle
             write_json(progress_path, {**progress, "after": h.after, "flags": h.flags})
 
         write_json(progress_path, progress)
-        return _fresh(model, x, y, cfg, device, main, clean, cascade, save_fresh)
+        robust, done, x_adv, messages, _ = _fresh(model, x, y, cfg, device, main, clean, cascade, save_fresh)
+        return robust, done, x_adv, note + messages, False
 
     # Resume: fold a finished or interrupted sub-run into the main state, then continue the cascade.
     progress.update(after=saved["after"], flags=saved["flags"])
     flags = _fold_sub_run(main, sub, cascade, clean)
-    remaining = [a for a in cascade if a not in progress["after"]]
     messages = [f"resuming from {main}: done {', '.join(progress['after']) or 'nothing'}; "
                 f"{int(flags.sum())} robust points left"]
     x_adv = x.clone()
+    remaining = [a for a in cascade if a not in progress["after"]]
     if remaining and flags.any():
-        idx = flags.nonzero().squeeze(1)
-        # the sub-run's Square check sees only part of the cascade; it is redone on the merged numbers
-        sub_progress = {"after": {}, "flags": []}
-
-        def save_sub(h: _Capture) -> None:
-            sub_progress.update(after=dict(h.after), flags=[f for f in h.flags if not f.startswith(_SQUARE_FLAG)])
-            write_json(progress_path, {**progress, "after": {**progress["after"], **sub_progress["after"]},
-                                       "flags": progress["flags"] + sub_progress["flags"]})
-
-        sub_robust, _, sub_adv, sub_messages, _ = _fresh(model, x[idx], y[idx], cfg, device, sub,
-                                                          flags[idx], remaining, save_sub)
-        messages += sub_messages
-        flags[idx] = sub_robust
-        x_adv[idx] = sub_adv
-        progress["after"].update(sub_progress["after"])
-        progress["flags"] += sub_progress["flags"]
-        _write_state(main, cascade, flags, set(cascade), float(clean.float().mean()))
-        sub.unlink(missing_ok=True)
+        messages += _continue(model, x, y, cfg, device, (main, sub, progress_path), progress, flags, x_adv,
+                              remaining, clean, cascade)
     n = len(x)
     accs = {"clean": float(clean.float().mean())}
     accs.update({a: progress["after"][a] / n for a in cascade if a in progress["after"]})
@@ -401,6 +432,30 @@ def _resumable(model, x, y, cfg: AutoAttackConfig, device, state_path: Path, cle
         messages.append(square)
     write_json(progress_path, progress)
     return flags, progress, x_adv, messages, True
+
+
+def _continue(model, x, y, cfg, device, files, progress, flags, x_adv, remaining, clean, cascade) -> list[str]:
+    """Run the `remaining` attacks on the points still robust (in a sub-run with its own state file) and
+    merge the results into `progress`, `flags` and `x_adv` (in place); returns the sub-run's messages."""
+    main, sub, progress_path = files
+    idx = flags.nonzero().squeeze(1)
+    # the sub-run's Square check sees only part of the cascade; it is redone on the merged numbers
+    sub_progress = {"after": {}, "flags": []}
+
+    def save_sub(h: _Capture) -> None:
+        sub_progress.update(after=dict(h.after), flags=[f for f in h.flags if not f.startswith(_SQUARE_FLAG)])
+        write_json(progress_path, {**progress, "after": {**progress["after"], **sub_progress["after"]},
+                                   "flags": progress["flags"] + sub_progress["flags"]})
+
+    sub_robust, _, sub_adv, sub_messages, _ = _fresh(model, x[idx], y[idx], cfg, device, sub,
+                                                      flags[idx], remaining, save_sub)
+    flags[idx] = sub_robust
+    x_adv[idx] = sub_adv
+    progress["after"].update(sub_progress["after"])
+    progress["flags"] += sub_progress["flags"]
+    _write_state(main, cascade, flags, set(cascade), float(clean.float().mean()))
+    sub.unlink(missing_ok=True)
+    return sub_messages
 
 
 def _square_check(accs: dict[str, float]) -> str | None:

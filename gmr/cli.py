@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tables(sub) -> None:
-    p = sub.add_parser("tables", help="every registered table (robustness, reference, cost, masking, ...)",
+    p = sub.add_parser("tables", help="every registered table (robustness, comparisons, reference, cost, ...)",
                        description="Write every table registered in gmr/report/tables.py as CSV, Markdown, "
                        "LaTeX, HTML and a report caption (.rst) into --out.")
     p.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR", help="run directories (`gmr train`)")
@@ -395,14 +395,22 @@ def _add_tables(sub) -> None:
     p.add_argument("--audits", nargs="*", default=[], metavar="AUDIT.json",
                    help="`gmr diagnose` audit.json files (or their folders)")
     p.add_argument("--out", required=True, help="output folder, e.g. results/tables")
+    p.add_argument("--comparisons", nargs="+", metavar="A:B1,B2",
+                   help="pairs for the comparisons table: method A against each baseline B, e.g. gmr:fgsm,pgd "
+                        "(default: gmr:fgsm,rfgsm,pgd, where both were evaluated)")
     p.set_defaults(func=_cmd_tables)
 
 
 def _cmd_tables(args) -> int:
+    from .report.comparisons import parse_pairs
     from .report.tables import TableInputError, make_tables
 
     try:
-        names, written = make_tables(args.runs, args.evals, args.audits, args.out)
+        pairs = parse_pairs(args.comparisons) if args.comparisons is not None else None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        names, written = make_tables(args.runs, args.evals, args.audits, args.out, pairs)
     except TableInputError as err:
         raise UsageError(str(err)) from None
     print(f"{len(names)} tables ({', '.join(names)}) -> {args.out} ({len(written)} files)")
@@ -413,7 +421,12 @@ SUBCOMMANDS.append(_add_tables)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input, a damaged input file, or an output another process is writing
+    (nothing was done; fix and run again); 1 the work failed (data unavailable, training diverged, a full
+    disk: what finished is kept, run again once the cause is fixed). Errors are one line on stderr."""
     from .data import DataUnavailableError
+    from .io import DiskFullError
+    from .locks import LockHeld
     from .registry import UnknownNameError
     from .runs import RunError
     from .train import RunConflict, TrainingDiverged
@@ -422,11 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, UnknownNameError, RunConflict, RunError) as err:
+    except (UsageError, UnknownNameError, RunConflict, RunError, LockHeld) as err:
         print(f"gmr {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataUnavailableError, TrainingDiverged) as err:
-        print(f"gmr {args.command}: error: {err}", file=sys.stderr)
+    except (DataUnavailableError, TrainingDiverged, DiskFullError) as err:
+        print(f"gmr {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
 
 

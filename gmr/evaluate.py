@@ -9,6 +9,10 @@ per-example correctness of every attack, so the worst case over attacks is exact
 - transfer attacks crafted on another run's model (`transfer_from`);
 - an eps sweep of every attack asked for (`eps_list`).
 
+Every accuracy in the record (attacks, transfer, eps sweep, worst case) carries its 95% Wilson interval
+(`ci_low`, `ci_high`, from gmr.stats; the record says `confidence` and `interval_method`), so a reader
+of one number knows how sure it is without the .npz.
+
 `evaluate_to_file` is what `gmr evaluate` calls: it writes the record, its .npz and optionally a model
 card, each once, or copies an evaluation of the same weights (`reuse_from`) without loading the model.
 Every record names the `run_id` it measured (transfer entries also the source's `source_run_id`).
@@ -42,8 +46,10 @@ from .data import DataSpec, Split, dataset_info, load_split
 from .io import atomic_path, ensure_writable_file, read_json, write_json
 from .options import NonNegativeFloat, PositiveFloat, PositiveInt, check, convert_values, field_types
 from .runs import RunDir
+from .stats import CONFIDENCE, INTERVAL_METHOD, accuracy_interval
 
 EVAL_SCHEMA = "gmr.eval/1"
+# Every accuracy of a record carries its interval (ci_low, ci_high) at this level and by this method.
 NON_ATTACKS = ("clean",)
 AUTOATTACK = "autoattack"
 TRANSFER_ATTACKS = ("fgsm", "rfgsm", "pgd")
@@ -260,11 +266,18 @@ def attack_correct(model, x, y, name: str, eps: float, params: dict, seed: int, 
     return target, (torch.cat(ok_src).numpy().astype(bool) if source is not None else None)
 
 
+def interval_fields(n_correct: int, n: int, prefix: str = "") -> dict[str, float]:
+    """`ci_low`, `ci_high` (with `prefix`) of an accuracy of n_correct out of n points: the interval every
+    accuracy of the record carries next to it (CONFIDENCE, INTERVAL_METHOD; gmr.stats)."""
+    low, high = accuracy_interval(n_correct, n, CONFIDENCE, INTERVAL_METHOD)
+    return {f"{prefix}ci_low": low, f"{prefix}ci_high": high}
+
+
 def _entry(name: str, ok: np.ndarray, eps: float, params: dict, seed: int, seconds: float, key: str) -> dict:
     n = int(len(ok))
-    return {"attack": name, "accuracy": float(ok.mean()) if n else 0.0, "n_correct": int(ok.sum()),
-            "n_examples": n, "eps": float(eps), "params": dict(params), "seed": seed,
-            "seconds": seconds, "images_per_second": n / seconds if seconds > 0 else None,
+    return {"attack": name, "accuracy": float(ok.mean()) if n else 0.0, **interval_fields(int(ok.sum()), n),
+            "n_correct": int(ok.sum()), "n_examples": n, "eps": float(eps), "params": dict(params),
+            "seed": seed, "seconds": seconds, "images_per_second": n / seconds if seconds > 0 else None,
             "per_example": key}
 
 
@@ -276,7 +289,7 @@ def _fraction(ok: np.ndarray) -> float:
     return float(ok.mean()) if len(ok) else 0.0
 
 
-_SWEEP_KEYS = ("eps", "attack", "accuracy", "n_correct", "n_examples", "params", "seed", "seconds",
+_SWEEP_KEYS = ("eps", "attack", "accuracy", "ci_low", "ci_high", "n_correct", "n_examples", "params", "seed", "seconds",
                "per_example", "per_attack", "flags", "version", "norm")
 
 
@@ -356,8 +369,11 @@ class _Evaluation:
         worst = np.logical_and.reduce([self.correct[k] for k in over])  # derivable from the npz: not stored
         wb_over = ["clean"] + [a for a in asked if a != AUTOATTACK]
         wb_worst = np.logical_and.reduce([self.correct[k] for k in wb_over])
-        return {"accuracy": _fraction(worst), "n_correct": int(worst.sum()), "n_examples": len(self.y),
-                "eps": self.eps, "over": over, "whitebox_accuracy": _fraction(wb_worst), "whitebox_over": wb_over}
+        n = len(self.y)
+        return {"accuracy": _fraction(worst), **interval_fields(int(worst.sum()), n),
+                "n_correct": int(worst.sum()), "n_examples": n, "eps": self.eps, "over": over,
+                "whitebox_accuracy": _fraction(wb_worst), **interval_fields(int(wb_worst.sum()), n, "whitebox_"),
+                "whitebox_over": wb_over}
 
     def record(self, results: dict, transfer: dict, sweep: list, epoch: int | None, started: float) -> dict:
         cfg, run_cfg, n = self.cfg, self.meta["config"], len(self.y)
@@ -368,6 +384,7 @@ class _Evaluation:
             "train_seed": run_cfg["seed"], "train_eps": self.meta["eps"], "seed": cfg.seed, "n_examples": n,
             "eps": self.eps, "norm": cfg.aa_norm, "batch_size": cfg.batch_size,
             "test_points": f"first {n} of the {self.dataset} test set, in order",
+            "confidence": CONFIDENCE, "interval_method": INTERVAL_METHOD,
             "attacks": results, "worst_case": self.worst_case(transfer), "transfer": transfer,
             "eps_sweep": sweep, "versions": package_versions(), **device_facts(self.device),
             "platform": platform.platform(), "seconds": time.perf_counter() - started,
@@ -416,24 +433,34 @@ def check_outputs(cfg: EvalConfig, out: str | Path, card: str | Path | None = No
 def evaluate_to_file(cfg: EvalConfig, out: str | Path, card: str | Path | None = None,
                      reuse_from: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate and write `out` (the record), its .npz and optionally the model card `card`, each once;
-    remove the AutoAttack state files once done. Return the record.
+    remove the AutoAttack state files once done. Return the record. Holds the lock of `out` meanwhile
+    (gmr/locks.py: LockHeld when another process writes it) and first removes the temporary files a
+    killed writer of these outputs left.
 
     With `reuse_from`: when that file is an evaluation of the same run and settings for the other
     checkpoint and the run's best epoch is its last (the same weights), copy it instead of evaluating
     (the model is not loaded); otherwise, or when the file does not exist yet, evaluate.
     """
+    from .io import remove_stale_temps
+    from .locks import lock_file
+
     say = progress or (lambda text: None)
     meta = cfg.validate()
     out = check_outputs(cfg, out, card)
-    reused = reusable_evaluation(cfg, meta, Path(reuse_from)) if reuse_from is not None else "not asked"
-    if isinstance(reused, str):
-        if reuse_from is not None:
-            say(f"not reusing {reuse_from}: {reused}")
-        reused = _evaluate(cfg, meta, say)
-    record, correct = reused
-    _write_outputs(record, correct, out, card, meta)
-    for state in cfg.state_paths(record["eps"]):  # finished: nothing left to resume
-        aa.remove_state(state)
+    with lock_file(out):  # one writer of `out`, its .npz and its AutoAttack state files (LockHeld: exit 2)
+        states = [f for p in cfg.state_paths(float(cfg.eps if cfg.eps is not None else meta["eps"]))
+                  for f in aa.state_files(p)]
+        remove_stale_temps(out.parent, [out.name, out.with_suffix(".npz").name] + [f.name for f in states])
+        reused = reusable_evaluation(cfg, meta, Path(reuse_from)) if reuse_from is not None else "not asked"
+        if isinstance(reused, str):
+            if reuse_from is not None:
+                say(f"not reusing {reuse_from}: {reused}")
+            reused = _evaluate(cfg, meta, say)
+        record, correct = reused
+        out.unlink(missing_ok=True)  # an old record must not stand beside a new .npz if a write fails
+        _write_outputs(record, correct, out, card, meta)
+        for state in cfg.state_paths(record["eps"]):  # finished: nothing left to resume
+            aa.remove_state(state)
     return record
 
 

@@ -1,34 +1,105 @@
 """File input and output. Every result is written to a temporary file beside its target and renamed
-(atomic), so an interrupted run never leaves a partial or corrupt file where a finished one is expected."""
+(atomic), so an interrupted run never leaves a partial or corrupt file where a finished one is expected.
+
+The temporary files are named `.tmp-<target name>-<random>`; one left behind by a killed process (kill -9
+gives no chance to remove it) is removed by the next command that writes the same output, under its lock
+(`remove_stale_temps`, `gmr.locks`). Files get the permissions of the user's umask, as `open` would give
+them. A full disk (or quota) while writing raises `DiskFullError` with one line naming the file; the
+temporary file is removed and the previous version of the target, if any, is kept.
+"""
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
+
+TMP_PREFIX = ".tmp-"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """No space left (or quota exceeded) while writing a result; the CLI reports it in one line."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def disk_full(err: BaseException, folder: Path) -> bool:
+    """True when `err` comes from a full disk. torch.save reports a failed write as a RuntimeError of
+    its zip writer without errno ("unexpected pos"); for those the free space of `folder` decides."""
+    if isinstance(err, OSError):
+        return err.errno in _FULL
+    text = str(err)
+    if not (isinstance(err, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)):
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def full_error(path: Path) -> DiskFullError:
+    return DiskFullError(errno.ENOSPC, f"cannot write {path}: no space left on the device; free space (or "
+                         "choose another --out) and run the command again")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `path` when the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp gives 0600: results others may read
         yield tmp_path
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as err:
+        if disk_full(err, path.parent):
+            raise full_error(path) from None
+        raise
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files of `atomic_path` left in `folder` by a killed writer: those of the
+    target file names `names` (every one when None). Call it only while holding the lock of what
+    writes there (`gmr.locks`), so that no live writer's file is removed. Returns the paths removed."""
+    folder = Path(folder)
+    prefixes = None if names is None else tuple(f"{TMP_PREFIX}{n}-" for n in names)
+    removed = []
+    for p in folder.glob(f"{TMP_PREFIX}*") if folder.is_dir() else []:
+        if p.is_file() and (prefixes is None or p.name.startswith(prefixes)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _jsonable(obj: Any) -> Any:
@@ -73,7 +144,7 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         raise ValueError(f"--out {path} exists and is not a folder; give a folder path")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"  # per process: two commands may probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as err:

@@ -31,7 +31,7 @@ from . import attacks
 from .attacks import eval_mode, input_gradient, project, random_sign_like, _uniform_like
 from .cost import PassCount
 from .data import dataset_family
-from .options import convert_values
+from .options import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, convert_values
 from .registry import Registry
 
 
@@ -143,7 +143,7 @@ def standard(model, x, y, eps, o) -> StepOutput:
 
 @dataclass
 class FGSMOptions:
-    clean_fraction: float = 0.0   # fraction of each batch kept clean (0: adversarial only, as the paper)
+    clean_fraction: Fraction = 0.0   # fraction of each batch kept clean (0: adversarial only, as the paper)
 
 
 @register_method("fgsm", FGSMOptions, description="FGSM-AT (Goodfellow et al. 2015)", title="FGSM-AT", color="#d62728",
@@ -156,8 +156,8 @@ def fgsm(model, x, y, eps, o: FGSMOptions) -> StepOutput:
 
 @dataclass
 class RFGSMOptions:
-    alpha: float = 0.01
-    clean_fraction: float = 0.0
+    alpha: NonNegativeFloat = 0.01
+    clean_fraction: Fraction = 0.0
 
 
 @register_method("rfgsm", RFGSMOptions, description="R-FGSM-AT (Tramer et al. 2018): alpha noise, eps - alpha step",
@@ -172,8 +172,8 @@ def rfgsm(model, x, y, eps, o: RFGSMOptions) -> StepOutput:
 
 @dataclass
 class GMROptions:
-    lambda_: float = 5.0
-    alpha: float = 0.01
+    lambda_: NonNegativeFloat = 5.0
+    alpha: NonNegativeFloat = 0.01
     projected: bool = False   # False: the paper's code (full eps step after the noise, no projection)
 
 
@@ -203,8 +203,8 @@ def gmr(model, x, y, eps, o: GMROptions) -> StepOutput:
 
 @dataclass
 class PGDOptions:
-    steps: int = 40
-    step_size: float = 0.01
+    steps: PositiveInt = 40
+    step_size: PositiveFloat = 0.01
 
 
 @register_method("pgd", PGDOptions, cost=lambda o, b: PassCount(o.steps + 1, o.steps + 1),
@@ -219,7 +219,7 @@ def pgd(model, x, y, eps, o: PGDOptions) -> StepOutput:
 
 @dataclass
 class FGSMRSOptions:
-    step_factor: float = 1.25     # step = step_factor * eps (Wong et al. 2020)
+    step_factor: PositiveFloat = 1.25     # step = step_factor * eps (Wong et al. 2020)
 
 
 @register_method("fgsm_rs", FGSMRSOptions, cost=lambda o, b: PassCount(2, 2), title="FGSM-RS", color="#9467bd",
@@ -233,8 +233,8 @@ def fgsm_rs(model, x, y, eps, o: FGSMRSOptions) -> StepOutput:
 
 @dataclass
 class NFGSMOptions:
-    noise_factor: float = 2.0     # noise U(-k eps, k eps)
-    step_factor: float = 1.0      # step = step_factor * eps; no projection to the eps-ball
+    noise_factor: NonNegativeFloat = 2.0     # noise U(-k eps, k eps)
+    step_factor: PositiveFloat = 1.0      # step = step_factor * eps; no projection to the eps-ball
 
 
 @register_method("n_fgsm", NFGSMOptions, cost=lambda o, b: PassCount(2, 2), title="N-FGSM", color="#8c564b",
@@ -248,7 +248,7 @@ def n_fgsm(model, x, y, eps, o: NFGSMOptions) -> StepOutput:
 
 @dataclass
 class GradAlignOptions:
-    lambda_: float = 0.2
+    lambda_: NonNegativeFloat = 0.2
 
 
 @register_method("gradalign", GradAlignOptions, cost=lambda o, b: PassCount(3, 4), title="GradAlign",
@@ -272,8 +272,8 @@ def gradalign(model, x, y, eps, o: GradAlignOptions) -> StepOutput:
 
 @dataclass
 class SATR1Options:
-    lambda_: float = 0.2
-    steps: int = 10           # I-FGSM steps on the one regularised sample
+    lambda_: NonNegativeFloat = 0.2
+    steps: PositiveInt = 10           # I-FGSM steps on the one regularised sample
 
 
 @register_method("sat_r1", SATR1Options, title="SAT-R1", color="#17becf",
@@ -293,9 +293,9 @@ def sat_r1(model, x, y, eps, o: SATR1Options) -> StepOutput:
 
 @dataclass
 class SATR3Options:
-    lambda_: float = 1.0
-    eps_low: float = 0.1
-    tau: float = 0.4
+    lambda_: NonNegativeFloat = 1.0
+    eps_low: NonNegativeFloat = 0.1
+    tau: NonNegativeFloat = 0.4
 
 
 @register_method("sat_r3", SATR3Options, cost=lambda o, b: PassCount(3, 3), title="SAT-R3", color="#bcbd22",

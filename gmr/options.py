@@ -4,8 +4,8 @@ instance built in code).
 
 The field annotations are the specification: `int`, `float`, `bool`, `str`, `X | None`, `list[X]`,
 `tuple[X, ...]`, `dict[K, V]`, `Literal[...]` (a closed set of choices), `Any`, a class (isinstance),
-and `Annotated[X, Bound(...)]` for a number with a lower bound (`PositiveInt`, `PositiveFloat`,
-`NonNegativeFloat`). A mapping with an unknown key, or a value of the wrong type, raises a ValueError
+and `Annotated[X, Bound(...)]` for a number with bounds (`PositiveInt`, `PositiveFloat`,
+`NonNegativeFloat`, `Fraction`). A mapping with an unknown key, or a value of the wrong type, raises a ValueError
 of one line that names the option and lists the valid keys, so a typo in a YAML file, an `--opt` or an
 `--attack-param` stops before any work.
 
@@ -35,20 +35,25 @@ _NONE = ("none", "null", "~", "")
 
 @dataclass(frozen=True)
 class Bound:
-    """A lower bound on a number (`Annotated[int, Bound(1)]`); the value must also be finite."""
+    """Bounds on a number (`Annotated[int, Bound(1)]`, `Bound(0, high=1)`); the value must also be
+    finite."""
     low: float
     strict: bool = False
+    high: float | None = None
 
     def holds(self, value: float) -> bool:
-        return math.isfinite(value) and (value > self.low if self.strict else value >= self.low)
+        above = value > self.low if self.strict else value >= self.low
+        return math.isfinite(value) and above and (self.high is None or value <= self.high)
 
     def text(self) -> str:
-        return f"{'>' if self.strict else '>='} {self.low:g}"
+        low = f"{'>' if self.strict else '>='} {self.low:g}"
+        return low if self.high is None else f"{low} and <= {self.high:g}"
 
 
 PositiveInt = Annotated[int, Bound(1)]
 PositiveFloat = Annotated[float, Bound(0, strict=True)]
 NonNegativeFloat = Annotated[float, Bound(0)]
+Fraction = Annotated[float, Bound(0, high=1)]
 
 
 class _Mismatch(Exception):

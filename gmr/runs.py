@@ -7,9 +7,16 @@ A run directory written by `gmr train` holds:
     train_log.csv    one row per finished epoch (validation probes, train loss/accuracy, lr, seconds)
     model_best.pt    weights with the best validation I-FGSM-3 accuracy (the paper's selection)
     model_last.pt    weights after the last epoch
-    checkpoint.pt    resume state (weights, optimizer momentum, RNG); removed when the run finishes
-                     unless the run keeps it (`keep_resume_state`)
+    checkpoint.pt    resume state (weights, optimizer momentum, RNG, the config identity and a SHA-256
+                     of its weights); removed when the run finishes unless the run keeps it
+                     (`keep_resume_state`)
     epochs/          model_epochNNN.pt per epoch, only with `keep_epoch_checkpoints`
+    .gmr.lock        while `gmr train` writes the folder (gmr/locks.py)
+
+Every file is checked where it is read, and a damaged one is refused with one line naming it and the fix
+(RunError): run.json against its schema; the .pt files by their zip CRCs (torch.load does not check them,
+so a zero-filled region would load as other weights), finite weights and, for checkpoint.pt, the hash of
+its weights; train_log.csv by its columns and its rows against the record.
 
 Every evaluation and audit names the `run_id` of the run it measured, so tables link records to runs
 by identity rather than by paths (which differ between machines) or by settings (which can coincide).
@@ -17,8 +24,11 @@ The catastrophic-overfitting detector lives here because it is a property of a r
 """
 from __future__ import annotations
 
+import csv
+import hashlib
 import math
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,13 +40,27 @@ from .io import read_csv, read_json, torch_save, write_csv, write_json
 
 RUN_SCHEMA = "gmr.run/1"
 CHECKPOINTS = ("best", "last")
+# The files a run directory holds (beside epochs/); `gmr train` removes their stale temporary files.
+RUN_FILES = ("run.json", "train_log.csv", "model_best.pt", "model_last.pt", "checkpoint.pt")
+# What checkpoint.pt must hold to be resumed, and the columns every training log has.
+RESUME_KEYS = ("epoch", "config_identity", "model", "optimizer", "scheduler", "rng_cpu", "rng_data",
+               "best_metric", "best_epoch", "log", "ledger")
+LOG_COLUMNS = ("epoch", "val_clean", "val_fgsm", "val_ifgsm3", "val_pgd")
 # The rule of the training-log detector (Wong et al. 2020); see catastrophic_overfitting_epoch.
 CO_PGD_DROP = 0.2
 CO_FGSM_SLACK = 0.1
 
 
 class RunError(ValueError):
-    """A run directory that is missing, unfinished or damaged; the message says which and how to fix."""
+    """A run directory that is missing, unfinished or damaged; the message says which and how to fix.
+    `reason` is the short cause when a file is damaged (for messages that name the fix themselves)."""
+    reason: str | None = None
+
+    @classmethod
+    def damaged(cls, message: str, reason: str) -> "RunError":
+        err = cls(message)
+        err.reason = reason
+        return err
 
 
 def new_run_id(method: str, dataset: str, seed: int) -> str:
@@ -128,12 +152,53 @@ class RunDir:
         sel = (record if record is not None else self.record()).get("selection", {})
         return sel.get("best_epoch") is not None and sel.get("best_epoch") == sel.get("last_epoch")
 
-    def train_log(self) -> list[dict[str, float]]:
-        return read_train_log(self.log_file)
+    def train_log(self, record: dict | None = None) -> list[dict[str, float]]:
+        """The training log of a finished run, checked: its columns, and one row per epoch up to the
+        record's last epoch (a truncated or empty log must not read as "no catastrophic overfitting")."""
+        record = record if record is not None else self.record()
+        last = record.get("selection", {}).get("last_epoch")
+        fix = f"train the run again (delete {self.path} and run `gmr train`)"
+        if not self.log_file.is_file():
+            raise RunError(f"{self.log_file} is missing; {fix}")
+        try:
+            rows = read_train_log(self.log_file)
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise RunError(f"{self.log_file} is not readable ({err}); {fix}") from None
+        missing = [c for c in LOG_COLUMNS if not rows or c not in rows[0]]
+        if missing:
+            what = "has no rows" if not rows else f"lacks the columns {', '.join(missing)}"
+            raise RunError(f"{self.log_file} {what}; {fix}")
+        epochs = [row["epoch"] for row in rows]
+        if epochs != list(range(1, len(rows) + 1)) or (last is not None and len(rows) != last):
+            raise RunError(f"{self.log_file} holds epochs {_span(epochs)}, not 1 to {last} as the run's "
+                           f"run.json says; {fix}")
+        return rows
 
-    def co_epoch(self) -> int | None:
-        """Epoch of catastrophic overfitting in the training log, or None."""
-        return catastrophic_overfitting_epoch(self.train_log())
+    def co_epoch(self, record: dict | None = None) -> int | None:
+        """Epoch of catastrophic overfitting in the (checked) training log, or None."""
+        return catastrophic_overfitting_epoch(self.train_log(record))
+
+    def load_resume_state(self) -> dict:
+        """checkpoint.pt, checked: zip CRCs, the keys a resume needs, the hash of its weights and finite
+        weights. A damaged one raises RunError: resuming other weights than the saved ones would finish
+        a run that was never trained that way."""
+        path = self.resume_file
+
+        def damaged(why: str) -> RunError:
+            return RunError(f"damaged resume state {path} ({why}); delete it to start the run over")
+
+        try:
+            ckpt = _read_torch_file(path)
+        except Exception as err:  # empty, truncated, garbage bytes, CRC mismatch: one line each way
+            raise damaged(_first_line(err)) from None
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in RESUME_KEYS):
+            raise damaged("not a gmr resume state")
+        if not isinstance(ckpt["model"], dict) or not _finite(ckpt["model"]):
+            raise damaged("non-finite weights")
+        digest = ckpt.get("weights_sha256")  # absent in resume states written before it was added
+        if digest is not None and digest != weights_digest(ckpt["model"]):
+            raise damaged("its weights do not match their SHA-256")
+        return ckpt
 
     def write_record(self, record: dict) -> None:
         validate_record(record)
@@ -152,14 +217,57 @@ def validate_record(record: Any) -> None:
 
 
 def load_weights(path: str | Path, map_location="cpu") -> dict:
-    """Load a model_*.pt file safely (weights_only=True); raises RunError when it is not one."""
+    """Load a model_*.pt file safely (weights_only=True) after checking its zip CRCs; raises RunError
+    when it is not one, is damaged or holds non-finite weights (which would evaluate as chance accuracy
+    and audit as masking)."""
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = _read_torch_file(path, map_location)
     except Exception as err:
-        raise RunError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}"[:300]) from None
-    if not isinstance(obj, dict) or "state_dict" not in obj:
-        raise RunError(f"{path} is not a gmr model file (no state_dict); was it written by `gmr train`?")
+        reason = _first_line(err)
+        raise RunError.damaged(f"cannot load checkpoint {path}: {reason}; the file is damaged or not a model "
+                               "file: restore it, or train the run again", reason) from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        raise RunError.damaged(f"{path} is not a gmr model file (no state_dict); was it written by `gmr train`?",
+                               "not a gmr model file")
+    if not _finite(obj["state_dict"]):
+        raise RunError.damaged(f"{path} holds non-finite weights (NaN or inf): the run diverged or the file is "
+                               "damaged; train the run again", "non-finite weights")
     return obj
+
+
+def _read_torch_file(path: str | Path, map_location="cpu") -> Any:
+    """torch.load(weights_only=True) of a file whose zip CRCs are checked first (torch checks none)."""
+    with zipfile.ZipFile(path) as zf:
+        bad = zf.testzip()
+    if bad is not None:
+        raise ValueError(f"CRC mismatch in {bad}: the file is damaged")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _finite(state_dict: dict) -> bool:
+    return all(torch.isfinite(t).all() for t in state_dict.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def weights_digest(state_dict: dict) -> str:
+    """SHA-256 of the tensors of a state dict (dtypes, shapes and bytes, in order): the fingerprint of the
+    weights a resumable state belongs to (checkpoint.pt, AutoAttack's state files). The names are left
+    out: a model wrapped in another module still has the same weights."""
+    h = hashlib.sha256()
+    for t in state_dict.values():
+        if isinstance(t, torch.Tensor):
+            h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _span(epochs: list) -> str:
+    return f"{int(epochs[0])} to {int(epochs[-1])} ({len(epochs)} rows)" if epochs else "none"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class Decision(StrEnum):
     UNDECIDED = "undecided"
 
 
+CONFIDENCE = 0.95      # of every interval the suite reports unless a caller asks otherwise
+INTERVAL_METHOD = "wilson"
 A_MORE_ROBUST = "A more robust"
 B_MORE_ROBUST = "B more robust"
 NO_DIFFERENCE = "no detectable difference at this n"
@@ -163,7 +165,7 @@ def _interval_method(method: str | Interval) -> Interval:
         raise ValueError(f"unknown interval method {method!r}; valid: {valid}") from None
 
 
-def accuracy_interval(n_correct: int, n: int, confidence: float = 0.95,
+def accuracy_interval(n_correct: int, n: int, confidence: float = CONFIDENCE,
                       method: str | Interval = Interval.WILSON) -> tuple[float, float]:
     """(low, high) for an accuracy of n_correct out of n points. Raises ValueError for n = 0: an accuracy
     on no points is an upstream bug, and a NaN interval would travel silently into tables."""
@@ -178,7 +180,7 @@ def accuracy_interval(n_correct: int, n: int, confidence: float = 0.95,
     return float(ci.low), float(ci.high)
 
 
-def estimate_accuracy(n_correct: int, n: int, confidence: float = 0.95,
+def estimate_accuracy(n_correct: int, n: int, confidence: float = CONFIDENCE,
                       method: str | Interval = Interval.WILSON) -> Estimate:
     """The accuracy n_correct / n with its interval, as an Estimate (the form tables and cards print)."""
     low, high = accuracy_interval(n_correct, n, confidence, method)
@@ -222,7 +224,7 @@ def _crossed_half_width(table: np.ndarray, confidence: float) -> float:
     return math.sqrt(stats.t.ppf(q, k - 1) ** 2 * v_seed + t_points ** 2 * v_points)
 
 
-def aggregate_seeds(correct: Sequence, confidence: float = 0.95) -> SeedEstimate:
+def aggregate_seeds(correct: Sequence, confidence: float = CONFIDENCE) -> SeedEstimate:
     """Mean accuracy over training seeds with an interval holding both seed-to-seed and test-sample
     variation. `correct`: one per-example correctness array per seed, all on the same test points (the
     suite evaluates every seed on the first n test points). Estimator and its justification: module
@@ -273,7 +275,7 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return float(stats.binomtest(int(only_a), int(only_a + only_b), 0.5).pvalue)
 
 
-def compare_paired(a, b, confidence: float = 0.95) -> PairedComparison:
+def compare_paired(a, b, confidence: float = CONFIDENCE) -> PairedComparison:
     """Compare two per-example correctness arrays on the same test points.
 
     Model A vs model B: pass each model's correctness under one attack; "A more robust" means A keeps more
@@ -315,7 +317,7 @@ def _smallest_deciding(decides: Callable[[int], bool]) -> int | None:
     return high
 
 
-def points_needed_for_precision(accuracy: float, half_width: float, confidence: float = 0.95,
+def points_needed_for_precision(accuracy: float, half_width: float, confidence: float = CONFIDENCE,
                                 method: str | Interval = Interval.WILSON) -> int:
     """About how many test points give an interval of at most `half_width` around `accuracy`, with the
     same interval method the suite reports. For a threshold check, pass half_width = |accuracy -
@@ -332,7 +334,7 @@ def points_needed_for_precision(accuracy: float, half_width: float, confidence: 
     return _smallest_deciding(decides)
 
 
-def points_needed_paired(only_a: int, only_b: int, n: int, confidence: float = 0.95) -> int | None:
+def points_needed_paired(only_a: int, only_b: int, n: int, confidence: float = CONFIDENCE) -> int | None:
     """About how many test points would make the exact McNemar test decide, if the discordance rates
     only_a / n and only_b / n stayed as observed; None when they are equal (no n decides a zero
     difference). Used to say 'undecided at n = 100, about N needed'."""

@@ -10,6 +10,11 @@ selection, saving) and `run_record`. The run directory and its files belong to `
     model_best.pt    weights with the best validation I-FGSM-3 accuracy (the paper's selection)
     model_last.pt    weights after the last epoch
     checkpoint.pt    resume state; removed when the run finishes unless `keep_resume_state`
+
+`train()` holds the run folder's lock (gmr/locks.py) while it writes, so a second `gmr train` on the same
+folder stops with the holder's name instead of mixing two runs' files. A resume checks checkpoint.pt (zip
+CRCs, the SHA-256 of its weights, finite weights) and refuses a damaged one; a damaged model_last.pt, or a
+damaged model_best.pt whose weights the resume state still has, is rewritten from it.
 """
 from __future__ import annotations
 
@@ -26,12 +31,13 @@ from tqdm import tqdm
 from . import attacks
 from .cost import PassCounter, Stopwatch, device_facts, peak_memory_mb, pick_device
 from .data import BatchIterator, DataSpec, Split, dataset_info, list_datasets, load_split
-from .io import torch_save
+from .io import remove_stale_temps, torch_save
+from .locks import lock_folder
 from .masking.probes import fgsm_rfgsm_logit_distance, gradient_alignment
 from .methods import METHODS, make_options, method_cost
 from .models import MODELS, create_model
 from .options import NonNegativeFloat, PositiveFloat, PositiveInt, check
-from .runs import RUN_SCHEMA, RunDir, new_run_id, write_train_log
+from .runs import RUN_FILES, RUN_SCHEMA, RunDir, RunError, load_weights, new_run_id, weights_digest, write_train_log
 
 SCHEDULES = ("step", "onecycle", "constant")
 # Steps of the per-epoch validation PGD by dataset family (its step is the dataset's usual PGD step).
@@ -188,9 +194,10 @@ class TrainState:
         return cls(new_run_id(cfg.method, cfg.dataset, cfg.seed), model, optimizer, scheduler, batches)
 
     def to_checkpoint(self, identity: dict, device) -> dict:
+        weights = self.model.state_dict()
         return {
             "run_id": self.run_id, "epoch": self.epoch, "config_identity": identity,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": weights, "weights_sha256": weights_digest(weights), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "rng_data": self.batches.generator.get_state(),
@@ -231,11 +238,45 @@ def _start(cfg: TrainConfig, run: RunDir, x: torch.Tensor, y: torch.Tensor, devi
     """A fresh state, continued from checkpoint.pt when the folder holds one of this configuration."""
     state = TrainState.create(cfg, x, y, device)
     if run.resume_file.exists():
-        ckpt = torch.load(run.resume_file, map_location="cpu", weights_only=True)
+        ckpt = run.load_resume_state()  # a damaged one raises RunError naming the fix
         if ckpt["config_identity"] != cfg.identity():
             raise _conflict(run)
         state.load_checkpoint(ckpt, device)
+        _repair_run_files(state, cfg, run)
     return state
+
+
+def _saved_epoch(path: Path) -> tuple[int | None, str | None]:
+    """(the epoch a model file holds, None), or (None, why it cannot be used)."""
+    if not path.is_file():
+        return None, "missing"
+    try:
+        return load_weights(path).get("epoch"), None
+    except RunError as err:
+        return None, err.reason or str(err)
+
+
+def _repair_run_files(state: TrainState, cfg: TrainConfig, run: RunDir) -> None:
+    """Rewrite from the resume state what it holds (the log, the last weights, and the best ones when they
+    are the last); refuse when model_best.pt is damaged and its weights are kept nowhere else. A model
+    file one epoch ahead of the resume state (killed before checkpoint.pt was written) is left as it is:
+    that epoch is trained again and rewrites it."""
+    write_train_log(run.log_file, state.log)
+    last, _ = _saved_epoch(run.model_file("last"))
+    if last is None or last < state.epoch:
+        run.save_weights(state.model, state.epoch, cfg.model, cfg.dataset, "last")
+    best_file, k = run.model_file("best"), state.best_epoch
+    best, problem = _saved_epoch(best_file)
+    if k < 1 or best == k or (best is not None and best > state.epoch):
+        return
+    problem = problem or f"it holds epoch {best}, not the best epoch {k}"
+    if k == state.epoch:
+        run.save_weights(state.model, state.epoch, cfg.model, cfg.dataset, "best")
+    elif _saved_epoch(run.epoch_file(k))[0] == k:
+        torch_save(best_file, load_weights(run.epoch_file(k)))
+    else:
+        raise RunError(f"{best_file} is damaged ({problem}) and the best weights (epoch {k}) are kept "
+                       f"nowhere else; restore it, or delete {run.path} to train the run again")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,13 +408,23 @@ def run_record(state: TrainState, job: TrainJob, n_train: int) -> dict:
 
 def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict:
     """Train (or resume) a run in `out` and return the content of run.json; a finished run of the same
-    configuration is returned as it is."""
+    configuration is returned as it is. Raises LockHeld when another process writes `out`."""
     cfg.validate()
     run = RunDir(out)
     done = _finished_record(cfg, run)
     if done is not None:
         return done
     run.path.mkdir(parents=True, exist_ok=True)
+    with lock_folder(run.path):
+        done = _finished_record(cfg, run)  # finished by the holder we may have waited for
+        if done is not None:
+            return done
+        remove_stale_temps(run.path, RUN_FILES)  # left by a killed writer: no live one holds the lock
+        remove_stale_temps(run.epoch_file(0).parent)
+        return _train(cfg, run, progress)
+
+
+def _train(cfg: TrainConfig, run: RunDir, progress: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)

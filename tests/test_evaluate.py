@@ -11,13 +11,14 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from gmr import attacks
 from gmr.report.cards import load_reference, load_schema, make_card, reference_rows, validate
 from gmr.cli import main
 from gmr.data import DataSpec, Split, load_split
-from gmr.evaluate import attack_param_names, list_attacks, resolve_params, whitebox_attacks
+from gmr.evaluate import attack_param_names, interval_fields, list_attacks, resolve_params, whitebox_attacks
 from gmr.runs import RunDir
 
 TARGET = dict(method="standard", lr=0.05, schedule="onecycle", n_train=2000)  # learns in one epoch
@@ -83,6 +84,7 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
     for name, entry in attacks_.items():
         assert entry["n_examples"] == 16 and entry["seed"] == 3 and entry["seconds"] >= 0
         assert 0 <= entry["accuracy"] <= 1
+    _check_intervals(record)
     assert attacks_["pgd"]["params"] == {"steps": 3, "step_size": 0.05, "restarts": 2, "loss": "ce"}
     assert attacks_["pgd_cw"]["params"]["restarts"] == 2 and attacks_["pgd_cw"]["params"]["loss"] == "cw"
     assert attacks_["pgd_50_10"]["params"]["restarts"] == 10  # --restarts leaves the legacy attack alone
@@ -139,6 +141,34 @@ def test_full_evaluation_record(make_run, target, tmp_path, capsys):
 
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert str(out) in printed and "worst case" in printed
+
+
+def _check_intervals(record: dict) -> None:
+    """Every accuracy of the record carries its 95% Wilson interval (recomputed here with scipy from the
+    entry's count); the record says so; the schema requires the bounds."""
+    assert record["confidence"] == 0.95 and record["interval_method"] == "wilson"
+    entries = [*record["attacks"].values(), *record["transfer"].values(), *record["eps_sweep"],
+               record["worst_case"]]
+    for e in entries:
+        ci = scipy.stats.binomtest(e["n_correct"], e["n_examples"]).proportion_ci(method="wilson")
+        assert (e["ci_low"], e["ci_high"]) == pytest.approx((ci.low, ci.high)), e.get("attack")
+        assert e["ci_low"] <= e["accuracy"] <= e["ci_high"]
+    wc = record["worst_case"]
+    assert wc["whitebox_ci_low"] <= wc["whitebox_accuracy"] <= wc["whitebox_ci_high"]
+    for where in (record["attacks"]["pgd"], record["attacks"]["autoattack"], record["worst_case"]):
+        stripped = json.loads(json.dumps(record))
+        target = (stripped["worst_case"] if where is record["worst_case"]
+                  else stripped["attacks"][where["attack"]])
+        del target["ci_high"]
+        with pytest.raises(jsonschema.ValidationError, match="ci_high"):
+            validate(stripped, "eval")
+
+
+def test_interval_fields_known_answer():
+    """38 of 100: Wilson [0.2910, 0.4779] (DESIGN.md section 9: 38% on 100 points is about [29%, 48%])."""
+    assert interval_fields(38, 100) == pytest.approx({"ci_low": 0.290976, "ci_high": 0.477902}, abs=1e-6)
+    assert interval_fields(2, 10, "whitebox_") == pytest.approx({"whitebox_ci_low": 0.056682,
+                                                                 "whitebox_ci_high": 0.509838}, abs=1e-6)
 
 
 def test_transfer_from_the_same_run_equals_white_box(target, tmp_path):

@@ -350,6 +350,17 @@ def test_check_rechecks_an_instance_built_in_code():
 def test_method_options_reject_bool_int_confusion():
     with pytest.raises(ValueError, match="option gmr.projected must be bool, got 2"):
         make_options("gmr", "mnist", {"projected": 2})
-    with pytest.raises(ValueError, match="option pgd.steps must be int, got True"):
+    with pytest.raises(ValueError, match="option pgd.steps must be int >= 1, got True"):
         make_options("pgd", "mnist", {"steps": True})
     assert make_options("pgd", "mnist", {"steps": "5"}).steps == 5
+
+
+@pytest.mark.parametrize("method, option, value, bound", [
+    ("pgd", "steps", 0, "int >= 1"), ("pgd", "step_size", 0, "float > 0"),
+    ("gmr", "alpha", -1, "float >= 0"), ("gmr", "lambda_", -0.5, "float >= 0"),
+    ("rfgsm", "alpha", float("nan"), "float >= 0"), ("fgsm", "clean_fraction", 1.5, "float >= 0 and <= 1"),
+    ("sat_r1", "steps", 0, "int >= 1"), ("n_fgsm", "step_factor", 0, "float > 0"),
+])
+def test_method_options_out_of_range_are_refused(method, option, value, bound):
+    with pytest.raises(ValueError, match=f"option {method}.{option} must be {bound}, got"):
+        make_options(method, "mnist", {option: value})

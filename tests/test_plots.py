@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.colors import to_hex, to_rgb
+from matplotlib.container import ErrorbarContainer
 from test_tables import make_audit, make_eval, make_run, run_id, toy_method  # noqa: F401 (toy_method: fixture)
 
 from gmr.cli import main
 from gmr.io import write_csv
 from gmr.methods import METHODS, UNKNOWN_COLOR, method_color
-from gmr.report import plots
+from gmr.report import audit_figures, plots
 
 COMPARISON_FIGURES = {"training_curves", "robust_accuracy_vs_cost", "loss_surfaces", "loss_along_fgsm",
                       "accuracy_vs_eps", "accuracy_vs_steps"}
@@ -30,9 +31,9 @@ def make_diagnosis(run: Path, out: Path, masking: str = "no") -> Path:
                                          for i in (0, 1) for a in grid for b in grid])
     write_csv(out / "fgsm_line.csv", [{"index": i, "eps": t, "loss": 0.1 + t, "correct": float(t < 0.3)}
                                       for i in (0, 1) for t in (0.0, 0.3, 0.6)])
-    write_csv(out / "accuracy_vs_eps.csv", [{"eps": e, "accuracy": 1 - e} for e in (0.0, 0.3, 1.0)])
-    write_csv(out / "accuracy_vs_steps.csv", [{"steps": k, "accuracy": 0.5 / k} for k in (1, 5, 20)])
-    write_csv(out / "accuracy_vs_restarts.csv", [{"restarts": r, "accuracy": 0.1} for r in (1, 2)])
+    write_csv(out / "accuracy_vs_eps.csv", [{"eps": e, "accuracy": 1 - e, "n": 16} for e in (0.0, 0.3, 1.0)])
+    write_csv(out / "accuracy_vs_steps.csv", [{"steps": k, "accuracy": 0.5 / k, "n": 16} for k in (1, 5, 20)])
+    write_csv(out / "accuracy_vs_restarts.csv", [{"restarts": r, "accuracy": 0.1, "n": 16} for r in (1, 2)])
     return out
 
 
@@ -66,15 +67,19 @@ def test_robust_accuracy_source_prefers_autoattack_then_pgd(compared):
     ids = [it["run_id"] for it in items]
     pgd_only = [{"run_id": i, "run": "elsewhere", "n_examples": 10, "attacks": {"pgd": {"accuracy": a}}}
                 for i, a in zip(ids, (0.1, 0.2))]
-    label, ys, _ = plots.robustness_source(items, diag_items, pgd_only)
-    assert label.startswith("PGD accuracy (test") and ys == [0.1, 0.2]
-    with_aa = [dict(e, attacks={**e["attacks"], "autoattack": {"accuracy": 0.05}}) for e in pgd_only]
-    label, ys, _ = plots.robustness_source(items, diag_items, with_aa)
-    assert label.startswith("AutoAttack") and ys == [0.05, 0.05]
-    label, ys, ckpts = plots.robustness_source(items, diag_items, [])
-    assert "gmr diagnose" in label and ys == [0.1, 0.1] and ckpts == ["best", "best"]
-    label, _, _ = plots.robustness_source(items, [], [])
-    assert "validation" in label
+    src = plots.robustness_source(items, diag_items, pgd_only)
+    assert src.label.startswith("PGD accuracy (test, n = 10") and src.values == [0.1, 0.2]
+    # no interval in these records: the Wilson interval of 1/10 and 2/10
+    assert src.bounds == [pytest.approx((0.017876, 0.404150), abs=1e-6), pytest.approx((0.056682, 0.509838), abs=1e-6)]
+    with_aa = [dict(e, attacks={**e["attacks"], "autoattack": {"accuracy": 0.05, "ci_low": 0.01, "ci_high": 0.2}})
+               for e in pgd_only]
+    src = plots.robustness_source(items, diag_items, with_aa)
+    assert src.label.startswith("AutoAttack") and src.values == [0.05, 0.05] and src.bounds == [(0.01, 0.2)] * 2
+    src = plots.robustness_source(items, diag_items, [])
+    assert "gmr diagnose" in src.label and src.values == [0.1, 0.1] and src.checkpoints == ["best", "best"]
+    assert src.bounds[0] == pytest.approx((0.034977, 0.360228), abs=1e-6)      # 2 (0.1 rounded) of 16 points
+    src = plots.robustness_source(items, [], [])
+    assert "validation" in src.label and all(lo < v < hi for v, (lo, hi) in zip(src.values, src.bounds))
 
 
 def test_pareto_front():
@@ -155,8 +160,8 @@ def test_plots_match_records_by_run_id_not_path(compared):
     rec = json.loads(evals[0].read_text())
     evals[0].write_text(json.dumps({**rec, "run": "/somewhere/else"}))
     items, _, records = plots.load_inputs(runs, (), evals)
-    label, ys, _ = plots.robustness_source(items[1:], [], records)   # the FGSM-AT run (after Standard)
-    assert label.startswith("PGD accuracy (test") and ys == [0.2]
+    src = plots.robustness_source(items[1:], [], records)   # the FGSM-AT run (after Standard)
+    assert src.label.startswith("PGD accuracy (test") and src.values == [0.2]
 
 
 def test_labels_tell_runs_of_one_method_apart():
@@ -165,3 +170,56 @@ def test_labels_tell_runs_of_one_method_apart():
     assert plots._labels(items) == ["FGSM-AT (a)", "FGSM-AT (b)", "GMR"]
     assert plots._labels([("FGSM-AT", "/r/a", "best"), ("FGSM-AT", "/r/a", "last")]) == \
         ["FGSM-AT (best)", "FGSM-AT (last)"]
+
+
+def _inspect_figures(monkeypatch, module) -> dict[str, dict]:
+    """For every figure `module` saves: the error bars on each data axes (by title) and every legend that
+    covers a data axes (its window overlaps the axes' data area), measured on the drawn figure."""
+    found: dict[str, dict] = {}
+    save = module.save_figure
+
+    def recording_save(fig, out, stem):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        data_axes = [ax for ax in fig.axes if ax.axison]
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        found[stem] = {
+            "errorbars": [(ax.get_title(), sum(isinstance(c, ErrorbarContainer) for c in ax.containers))
+                          for ax in data_axes],
+            "covering": [(stem, ax.get_title()) for legend in legends for ax in data_axes
+                         if legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))]}
+        return save(fig, out, stem)
+
+    monkeypatch.setattr(module, "save_figure", recording_save)
+    return found
+
+
+def test_accuracies_have_error_bars_and_no_legend_covers_data(compared, tmp_path, monkeypatch):
+    runs, diags, evals = compared
+    runs.append(make_run(tmp_path / "runs", "gmr", 0, pgd_curve=(0.3, 0.05, 0.0)))  # catastrophic overfitting
+    figures = _inspect_figures(monkeypatch, plots)
+    plots.comparison_figures(runs, tmp_path / "figs", diags, evals)
+    assert set(figures) == COMPARISON_FIGURES
+    assert [c for f in figures.values() for c in f["covering"]] == []
+    bars = {stem: [n for _, n in f["errorbars"]] for stem, f in figures.items()}
+    # robust accuracy of every run with its interval (the validation PGD: not every run has an audit)
+    assert bars["robust_accuracy_vs_cost"] == [3, 3]
+    assert bars["accuracy_vs_eps"] == [2] and bars["accuracy_vs_steps"] == [2, 2]   # one curve per audit
+    assert dict(figures["loss_along_fgsm"]["errorbars"])["accuracy along the FGSM direction"] == 2
+    assert bars["training_curves"] == [0, 0, 0, 0]                                  # curves: no bars
+
+
+def test_audit_accuracy_figures_have_error_bars(tmp_path, monkeypatch):
+    run = make_run(tmp_path, "fgsm", 0)
+    d = make_diagnosis(run, tmp_path / "diag")
+    write_csv(d / "attack_gap.csv", [{"attack": a, "accuracy": v, "mean_loss": 0.1, "n": 16}
+                                     for a, v in (("clean", 0.9), ("fgsm", 0.8), ("pgd", 0.1))])
+    write_csv(d / "autoattack.csv", [{"attack": "autoattack", "accuracy": 0.0, "n": 8}])
+    write_csv(d / "accuracy_vs_eps.csv", [{"eps": e, "accuracy": 1 - e, "steps": 5, "n": 16} for e in (0.0, 0.3)])
+    write_csv(d / "accuracy_vs_restarts.csv", [{"restarts": r, "steps": 5, "accuracy": 0.1, "n": 16} for r in (1, 2)])
+    audit = json.loads((d / "audit.json").read_text())
+    figures = _inspect_figures(monkeypatch, audit_figures)
+    audit_figures._fig_attacks(d, audit)
+    audit_figures._fig_sanity(d, audit)
+    assert [n for _, n in figures["attacks"]["errorbars"]] == [1]    # one set: clean, FGSM, PGD, AA (n=8)
+    assert [n for _, n in figures["sanity_curves"]["errorbars"]] == [1, 1, 1]

@@ -8,13 +8,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from gmr import methods
 from gmr.cli import main
 from gmr.cost import PassCount
-from gmr.report import reference, tables
+from gmr.report import comparisons, reference, tables
 from gmr.report.render import FORMATS
 from gmr.runs import validate_record
 
@@ -57,18 +58,40 @@ def run_id(run: Path) -> str:
     return json.loads((run / "run.json").read_text())["run_id"]
 
 
-def make_eval(run: Path, checkpoint: str, accs: dict[str, float], n=500, name=None, steps=None) -> Path:
+def make_eval(run: Path, checkpoint: str, accs: dict[str, float], n=500, name=None, steps=None,
+              correct: dict[str, np.ndarray] | None = None, ci: dict[str, tuple[float, float]] | None = None
+              ) -> Path:
+    """An evaluation record of the run. With `correct` (attack -> per-example bool array), the accuracies
+    and n come from the arrays and the .npz is written beside the record as `gmr evaluate` writes it;
+    `ci` (attack -> (low, high)) puts an interval into the record's entries."""
     meta = json.loads((run / "run.json").read_text())
     cfg = meta["config"]
+    path = run / (name or f"{checkpoint}.json")
+    if correct is not None:
+        accs = {a: float(np.mean(ok)) for a, ok in correct.items()}
+        n = len(next(iter(correct.values())))
     rec = {"schema": "gmr.eval/1", "run": str(run), "run_id": meta["run_id"], "checkpoint": checkpoint,
            "method": cfg["method"], "dataset": cfg["dataset"], "model": cfg["model"], "train_seed": cfg["seed"],
-           "n_examples": n, "eps": meta["eps"],
+           "n_examples": n, "eps": meta["eps"], "test_points": f"first {n} of the {cfg['dataset']} test set, in order",
            "attacks": {a: {"accuracy": v, "n_examples": n, "eps": 0.0 if a == "clean" else meta["eps"],
-                           "params": {"steps": steps} if steps and a.startswith("pgd") else {}}
+                           "params": {"steps": steps} if steps and a.startswith("pgd") else {}, "per_example": a}
                        for a, v in accs.items()}}
-    path = run / (name or f"{checkpoint}.json")
+    for a, (low, high) in (ci or {}).items():
+        rec["attacks"][a].update(ci_low=low, ci_high=high)
+    if correct is not None:
+        for a, ok in correct.items():
+            rec["attacks"][a]["n_correct"] = int(np.sum(ok))
+        np.savez_compressed(path.with_suffix(".npz"), **{a: np.asarray(ok, bool) for a, ok in correct.items()})
+        rec["per_example_file"] = path.with_suffix(".npz").name
     path.write_text(json.dumps(rec))
     return path
+
+
+def flags(n_correct: int, n: int, first: int = 0) -> np.ndarray:
+    """n correctness flags, `n_correct` of them True, starting at point `first` (wrapping around)."""
+    ok = np.zeros(n, bool)
+    ok[(first + np.arange(n_correct)) % n] = True
+    return ok
 
 
 def make_audit(run: Path, masking: str, failed=(), out: Path | None = None, **summary) -> Path:
@@ -191,19 +214,26 @@ def test_cli_writes_every_format(study, tmp_path, capsys):
     out = tmp_path / "tables"
     assert main(["tables", "--runs", *map(str, runs), "--evals", *map(str, evals),
                  "--audits", *map(str, audits), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{name}.{ext}" for name in ("robustness_mnist", "reference", "cost", "masking") for ext in FORMATS)
+    names = ("robustness_mnist", "comparisons", "reference", "cost", "masking")
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}.{ext}" for name in names for ext in FORMATS)
     for p in out.iterdir():
         assert p.stat().st_size > 0
     md = (out / "robustness_mnist.md").read_text()
-    assert "| FGSM-AT   | selected" in md and "80.0 ± 14.1" in md and "1/2" in md
+    # no .npz beside these records: FGSM-AT's 2 seeds x 500 points (0.9 and 0.7) get the Wilson interval of
+    # the pooled 800/1000, and the notes say it is binomial only
+    assert "| FGSM-AT   | selected" in md and "80.0 [77.4, 82.4]" in md and "1/2" in md
+    assert "Binomial only" in md and "FGSM-AT (selected) FGSM" in md
     tex = (out / "robustness_mnist.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "±" not in tex
+    assert r"\begin{tabular}" in tex and "80.0 [77.4, 82.4]" in tex and r"$\pm$" in tex and "±" not in tex
     assert "<table" in (out / "masking.html").read_text()
+    assert "80.0 [77.4, 82.4]" in (out / "robustness_mnist.html").read_text()
     assert (out / "cost.rst").read_text().startswith("**Training cost**\n\nTraining cost per method")
     csv = pd.read_csv(out / "robustness_mnist.csv")
-    assert {"fgsm_mean", "fgsm_std", "fgsm_n", "co_rate"} <= set(csv.columns)
-    assert capsys.readouterr().out.startswith("4 tables (robustness_mnist, reference, cost, masking)")
+    assert {"fgsm_mean", "fgsm_low", "fgsm_high", "fgsm_n", "fgsm_std", "fgsm_interval", "co_rate"} <= set(csv.columns)
+    # nothing to pair without per-example files: the comparisons table is empty and says why
+    comparisons = (out / "comparisons.md").read_text()
+    assert "No pair of methods" in comparisons and "seed 0: no per-example file for GMR" in comparisons
+    assert capsys.readouterr().out.startswith(f"5 tables ({', '.join(names)})")
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -279,12 +309,147 @@ def test_a_registered_table_is_written_with_its_caption(study, tmp_path, monkeyp
         return numbers, numbers, []
 
     assert tables.table_names(["mnist", "cifar10"]) == [
-        "robustness_cifar10", "robustness_mnist", "reference", "cost", "masking", "seeds",
+        "robustness_cifar10", "robustness_mnist", "comparisons", "reference", "cost", "masking", "seeds",
         "runs_cifar10", "runs_mnist"]
     names, written = tables.make_tables(*study, tmp_path / "t")
-    assert names == ["robustness_mnist", "reference", "cost", "masking", "seeds", "runs_mnist"]
+    assert names == ["robustness_mnist", "comparisons", "reference", "cost", "masking", "seeds", "runs_mnist"]
     assert len(written) == len(names) * len(FORMATS)
     assert pd.read_csv(tmp_path / "t" / "seeds.csv").to_dict("list") == {"method": ["fgsm", "gmr", "pgd"],
                                                                          "n_runs": [2, 2, 1]}
     assert (tmp_path / "t" / "seeds.rst").read_text() == "**Seeds per method**\n\nHow many runs each method has.\n"
     assert "<h3>Runs on MNIST</h3>" in (tmp_path / "t" / "runs_mnist.html").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# Intervals and paired comparisons (known answers)
+
+def test_robustness_intervals_from_the_per_example_arrays(tmp_path):
+    """One seed: the Wilson interval of 38/100, [29.1, 47.8] (DESIGN.md section 9). Two seeds right on the
+    same 38 of 100 points: no seed-to-seed spread, so the crossed estimator is the t-interval over the
+    points, 0.38 +- t(0.975, 99) sqrt(0.38 * 0.62 / 99) = [28.3, 47.7], wider than the pooled Wilson
+    interval of 76/200 ([31.6, 44.9]), which it must contain."""
+    gmr = make_run(tmp_path, "gmr", 0)
+    pgd = [make_run(tmp_path, "pgd", s) for s in (0, 1)]
+    evals = [make_eval(gmr, "best", {}, correct={"clean": flags(90, 100), "pgd": flags(38, 100)})]
+    evals += [make_eval(r, "best", {}, correct={"pgd": flags(38, 100)}) for r in pgd]
+    t = tables.robustness(tables.load_results([gmr, *pgd], evals), "mnist")
+    by = t.set_index("method")
+    cols = ["pgd_mean", "pgd_low", "pgd_high", "pgd_n", "pgd_std"]
+    assert list(by.loc["gmr", cols]) == pytest.approx([0.38, 0.290976, 0.477902, 100, 0.0], abs=1e-6)
+    assert list(by.loc["pgd", cols]) == pytest.approx([0.38, 0.283204, 0.476796, 100, 0.0], abs=1e-6)
+    assert by.loc["gmr", "pgd_interval"] == "wilson, 1 seed: no seed-to-seed spread"
+    assert by.loc["pgd", "pgd_interval"] == "crossed: 2 seeds x 100 points"
+    frame, notes = tables.format_robustness("mnist", t)
+    cells = frame.set_index("method")
+    assert cells.loc["GMR", "PGD"] == "38.0 [29.1, 47.8]" and cells.loc["GMR", "Clean"] == "90.0 [82.6, 94.5]"
+    assert cells.loc["PGD-40 AT", "PGD"] == "38.0 [28.3, 47.7]" and cells.loc["PGD-40 AT", "Clean"] == "–"
+    text = " ".join(notes)
+    assert "on the first 100" in text and "95% interval" in text and "aggregate_seeds" in text
+    assert "Binomial only" not in text
+
+
+def test_robustness_without_per_example_files_keeps_the_records_interval(tmp_path):
+    """No .npz: one seed keeps the interval its record states; several seeds get the Wilson interval of
+    their pooled points, marked binomial only in the CSV and the notes (never a bare point estimate)."""
+    one = make_run(tmp_path, "gmr", 0)
+    two = [make_run(tmp_path, "fgsm", s) for s in (0, 1)]
+    evals = [make_eval(one, "best", {"pgd": 0.3}, n=100, ci={"pgd": (0.2, 0.5)})]
+    evals += [make_eval(r, "best", {"pgd": a}, n=10) for r, a in zip(two, (1.0, 0.8))]
+    t = tables.robustness(tables.load_results([one, *two], evals), "mnist")
+    by = t.set_index("method")
+    assert list(by.loc["gmr", ["pgd_mean", "pgd_low", "pgd_high"]]) == [0.3, 0.2, 0.5]
+    assert by.loc["gmr", "pgd_interval"] == "wilson, 1 seed: no seed-to-seed spread"
+    assert list(by.loc["fgsm", ["pgd_low", "pgd_high"]]) == pytest.approx([0.698966, 0.972134], abs=1e-6)  # Wilson 18/20
+    assert by.loc["fgsm", "pgd_interval"].startswith("binomial only")
+    _, notes = tables.format_robustness("mnist", t)
+    binomial = next(n for n in notes if n.startswith("Binomial only"))
+    assert "FGSM-AT (selected) PGD" in binomial and "GMR" not in binomial
+
+
+def test_a_bad_per_example_file_is_one_clear_error(tmp_path):
+    run = make_run(tmp_path, "gmr", 0)
+    ev = make_eval(run, "best", {}, correct={"pgd": flags(3, 10)})
+    rec = json.loads(ev.read_text())
+    rec["attacks"]["pgd"]["per_example"] = "autoattack"
+    ev.write_text(json.dumps(rec))
+    with pytest.raises(tables.TableInputError, match="has no array 'autoattack'"):
+        tables.load_evals([ev])
+    ev.with_suffix(".npz").write_text("not a zip file")
+    with pytest.raises(tables.TableInputError, match="best.npz of .* cannot be read"):
+        tables.load_evals([ev])
+
+
+def _duel(tmp_path) -> tuple[list[Path], list[Path]]:
+    """GMR (seeds 0, 1, 2) against FGSM-AT (seeds 0, 1) and R-FGSM-AT (seed 0, other points), on 50 points
+    per seed under PGD and, for seed 0, on 10 points under AutoAttack.
+    PGD, seed 0: GMR right on points 0-19, FGSM-AT on 0-12 and 30: 7 points only GMR, 1 only FGSM-AT;
+    seed 1: GMR on 0-14, FGSM-AT on 0-9 and 40: 5 and 1. Paired over both seeds: 12 against 2 of 100.
+    AutoAttack, seed 0: GMR right on 2 points, FGSM-AT on none of the 10."""
+    def plus(n_correct, extra):
+        ok = flags(n_correct, 50)
+        ok[extra] = True
+        return ok
+
+    gmr = [make_run(tmp_path, "gmr", s) for s in (0, 1, 2)]
+    fgsm = [make_run(tmp_path, "fgsm", s) for s in (0, 1)]
+    rfgsm = make_run(tmp_path, "rfgsm", 0)
+    evals = [make_eval(gmr[0], "best", {}, correct={"pgd": flags(20, 50)}),
+             make_eval(gmr[1], "best", {}, correct={"pgd": flags(15, 50)}),
+             make_eval(gmr[2], "best", {}, correct={"pgd": flags(30, 50)}),
+             make_eval(fgsm[0], "best", {}, correct={"pgd": plus(13, 30)}),
+             make_eval(fgsm[1], "best", {}, correct={"pgd": plus(10, 40)}),
+             make_eval(rfgsm, "best", {}, correct={"pgd": flags(10, 40)}),
+             make_eval(gmr[0], "best", {}, correct={"autoattack": flags(2, 10)}, name="best-autoattack.json"),
+             make_eval(fgsm[0], "best", {}, correct={"autoattack": flags(0, 10)}, name="best-autoattack.json")]
+    return [*gmr, *fgsm, rfgsm], evals
+
+
+def test_comparison_rows_known_answers(tmp_path):
+    runs, evals = _duel(tmp_path)
+    table = tables.build_tables(tables.load_results(runs, evals))["comparisons"]
+    rows = table.numbers.set_index(["method_b", "attack"])
+    assert set(rows.index) == {("fgsm", "pgd"), ("fgsm", "autoattack")}      # R-FGSM-AT: other points
+    pgd = rows.loc[("fgsm", "pgd")]
+    assert (pgd["method_a"], pgd["seeds"], pgd["n_seeds"], pgd["n"]) == ("gmr", "0, 1", 2, 100)
+    assert (pgd["both"], pgd["only_a"], pgd["only_b"]) == (23, 12, 2)
+    assert pgd["accuracy_a"] == pytest.approx(0.35) and pgd["accuracy_b"] == pytest.approx(0.25)
+    assert pgd["difference"] == pytest.approx(0.10)
+    assert pgd["p_value"] == pytest.approx(2 * (1 + 14 + 91) / 2 ** 14)    # exact McNemar: 2 P(X <= 2 | 14, 1/2)
+    assert pgd["reading"] == "A more robust" and math.isnan(pgd["points_needed"])
+    assert 0 < pgd["difference_low"] < 0.10 < pgd["difference_high"] < 0.2
+    aa = rows.loc[("fgsm", "autoattack")]
+    assert (aa["n"], aa["only_a"], aa["only_b"], aa["p_value"]) == (10, 2, 0, 0.5)
+    # 20% against 0% of the points decides once 6 points go one way only (p = 2 / 2^6): at 28 points
+    assert aa["reading"] == "no detectable difference at this n" and aa["points_needed"] == 28
+    shown = table.formatted.frame.set_index("attack")
+    assert shown.loc["PGD", "reading"] == "GMR more robust than FGSM-AT"
+    assert shown.loc["PGD", "A − B (points)"].startswith("+10.0 [") and shown.loc["PGD", "p"] == "0.013"
+    assert shown.loc["AutoAttack", "reading"] == "no detectable difference at n = 10; about 28 points would decide it"
+    notes = " ".join(table.formatted.notes)
+    assert "GMR vs FGSM-AT (MNIST, LeNet+, eps 0.3, selected, PGD): seed 2: only GMR was evaluated." in notes
+    assert "seed 0: other test points (n = 50 and 40)" in notes
+    assert "seed s of A with seed s of B" in table.caption
+
+
+def test_comparisons_take_the_pairs_given(tmp_path, capsys):
+    runs, evals = _duel(tmp_path)
+    t = tables.build_tables(tables.load_results(runs, evals, pairs=[("fgsm", "gmr"), ("gmr", "pgd")]))
+    numbers, notes = t["comparisons"].numbers, " ".join(t["comparisons"].formatted.notes)
+    assert set(zip(numbers["method_a"], numbers["method_b"])) == {("fgsm", "gmr")}
+    assert set(numbers["reading"]) == {"B more robust", "no detectable difference at this n"}
+    assert "gmr vs pgd: no setting has evaluations of both" in notes
+    out = tmp_path / "t"
+    argv = ["tables", "--runs", *map(str, runs), "--evals", *map(str, evals), "--out", str(out)]
+    assert main(argv + ["--comparisons", "fgsm:gmr"]) == 0
+    assert "FGSM-AT vs GMR" in (out / "comparisons.md").read_text()
+    for bad in ("gmr", "gmr:", "gmr:gmr"):
+        assert main(argv + ["--comparisons", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--comparisons" in err[0]
+
+
+def test_comparison_pairs_from_text_and_config():
+    assert comparisons.parse_pairs(["gmr:fgsm,pgd", "pgd:fgsm", "gmr:pgd"]) == [
+        ("gmr", "fgsm"), ("gmr", "pgd"), ("pgd", "fgsm")]
+    assert comparisons.pair_specs({"gmr": ["fgsm", "rfgsm"], "pgd": ["fgsm"]}) == ["gmr:fgsm,rfgsm", "pgd:fgsm"]
+    assert comparisons.pair_specs(None) == []

@@ -57,23 +57,161 @@ def test_shipped_config_builds_its_dag(config, tmp_path):
     assert "train" in proc.stdout + proc.stderr
 
 
+def _exp(**changes) -> dict:
+    """The experiments of .test/config.yaml with keys of its one experiment changed."""
+    exp = yaml.safe_load(TEST_CONFIG.read_text())["experiments"]["mnist"]
+    return {"mnist": {**exp, **changes}}
+
+
+def _fails_before_any_job(workdir: Path, *args: str) -> str:
+    """A dry run that must stop while Snakemake parses the workflow (a dry run runs no job, so a non-zero
+    exit is the config check); returns its output."""
+    proc = snakemake(workdir, *args, "--dry-run", timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert not (workdir / ".test" / "results").exists() and not (workdir / "results").exists()
+    return out
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"trian": {"epochs": 1}}, "trian"),                                   # unknown key
-    ({"train": {"epochs": 0}}, "epochs"),                                  # out of range
-    ({"experiments": {"m": {"dataset": "mnist", "model": "lenet_plus", "eps": [1.5],
-                            "methods": ["gmr"], "seeds": [0]}}}, "1.5"),   # eps above 1
-    ({"experiments": {"m": {"dataset": "mnist", "model": "lenet_plus", "eps": [0.3],
-                            "methods": ["gmrr"], "seeds": [0]}}}, "gmrr"),  # unknown method
-    ({"evaluate": {"attacks": ["clean", "pgdd"]}}, "pgdd"),                # unknown attack
-    ({"diagnose": {"checkpoint": "final"}}, "final"),                      # not best or last
+    ({"trian": {"epochs": 1}}, "config: unknown key 'trian'"),             # unknown key
+    ({"train": {"epochs": 0}}, "config key train.epochs: 0 is less than the minimum of 1"),  # out of range
+    ({"experiments": _exp(eps=[1.5])}, "experiments.mnist.eps[0]: 1.5"),   # eps above 1
+    ({"experiments": _exp(methods=["gmrr"])}, "unknown method 'gmrr'"),    # unknown method
+    ({"evaluate": {"attacks": ["clean", "pgdd"]}}, "unknown attack 'pgdd'"),  # unknown attack
+    ({"diagnose": {"checkpoint": "final"}}, "diagnose.checkpoint: 'final'"),  # not best or last
+    # method options, through gmr.methods.make_options as `gmr train --opt` builds them
+    ({"method_options": {"gmr": {"lamda_": 5.0}}}, "method_options.gmr: unknown option 'lamda_' of method gmr"),
+    ({"experiments": _exp(method_options={"gmr": {"alpha": "big"}})},
+     "experiments.mnist.method_options.gmr: option gmr.alpha must be float >= 0, got 'big'"),
+    ({"experiments": _exp(method_options={"gmr": {"projected": 1}})}, "option gmr.projected must be bool"),
+    ({"method_options": {"gmr": {"alpha": -1}}}, "option gmr.alpha must be float >= 0, got -1"),
+    ({"report": {"comparisons": {"gmr": ["pgd"]}}}, "report.comparisons: method pgd is not trained"),
+    ({"report": {"comparisons": {"gmr": []}}}, "report.comparisons"),
+    ({"experiments": _exp(method_options={"gmr": {"lambda_": -5}})}, "option gmr.lambda_ must be float >= 0"),
+    ({"method_options": {"pgd": {"steps": 3}}}, "method_options: method pgd is not trained by any experiment"),
+    # attack parameters, as `gmr evaluate --param` checks them
+    ({"evaluate": {"attack_params": {"pgd": {"steps": 0}}}}, "parameter pgd.steps must be int >= 1, got 0"),
+    ({"evaluate": {"attack_params": {"pgd": {"stepz": 5}}}}, "unknown parameter 'stepz' of attack pgd"),
+    ({"evaluate": {"attack_params": {"autoattack": {"version": "plus"}}}},
+     "unknown attack with parameters 'autoattack'"),
+    ({"evaluate": {"n_test": 20000}}, "evaluate.n_test: 20000 is more than the 10000 test points of mnist"),
+    # eps
+    ({"experiments": _exp(eps=["8/0"])}, "experiments.mnist.eps[0]: '8/0' divides by zero"),
+    ({"experiments": _exp(eps=["abc"])}, "experiments.mnist.eps[0]: 'abc'"),
+    ({"experiments": _exp(eps=[-0.1])}, "experiments.mnist.eps[0]: -0.1 is less than the minimum of 0"),
+    ({"experiments": _exp(eps=["9/8"])}, "experiments.mnist.eps[0]: '9/8' = 1.125 is outside [0, 1]"),
+    ({"experiments": _exp(eps=[0.3, "3/10"])}, "experiments.mnist.eps: 0.3 and '3/10' are the same budget"),
+    # seeds and methods that no experiment trains (they used to be dropped silently)
+    ({"diagnose": {"seeds": [1]}}, "diagnose.seeds: seed 1 is not trained by any experiment"),
+    ({"diagnose": {"methods": ["pgd"]}}, "diagnose.methods: method pgd is not trained by any experiment"),
+    ({"evaluate": {"autoattack": {"n_test": 10, "seeds": [2]}}}, "evaluate.autoattack.seeds: seed 2 is not trained"),
+    ({"evaluate": {"autoattack": {"n_test": 10, "methods": ["standard"]}}},
+     "evaluate.autoattack.methods: method standard is not trained"),
+    ({"experiments": _exp(diagnose={"methods": ["pgd"]})},
+     "experiments.mnist.diagnose.methods: method pgd is not trained by experiment mnist"),
 ])
 def test_bad_config_fails_before_any_job(tmp_path, change, message):
     config = write_config(tmp_path / "bad.yaml", **change)
-    proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "1", timeout=300, check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert message in out
-    assert not (tmp_path / ".test" / "results").exists()
+    out = _fails_before_any_job(tmp_path, "--configfile", str(config))
+    assert any(message in line for line in out.splitlines()), out[-2000:]   # on one line
+
+
+def test_study_without_experiments_is_refused(tmp_path):
+    """A study given with --configfile is the whole study (it is not merged into the default one)."""
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    del cfg["experiments"]
+    config = tmp_path / "no-experiments.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = _fails_before_any_job(tmp_path, "--configfile", str(config))
+    assert "a study needs `experiments:`" in out
+
+
+def test_without_configfile_the_default_study_runs(tmp_path):
+    (tmp_path / "config").mkdir()
+    shutil.copy(ROOT / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
+    proc = snakemake(tmp_path, "--dry-run", timeout=300)
+    assert "results/runs/mnist/pgd/eps0.3/seed1/run.json" in proc.stdout + proc.stderr
+
+
+# Mutations of .test/config.yaml for the fuzz test: (key path, wrong values) by the kind of the key.
+_WRONG = {"int": ["text", [1], {"a": 1}, True, 1.5], "num": ["text", [1], {"a": 1}, True],
+          "bool": ["text", [1], {"a": 1}, 1], "list": ["text", {"a": 1}, 3], "enum": [[1], {"a": 1}, 3]}
+_TYPED = {("train", "epochs"): "int", ("train", "lr"): "num", ("train", "keep_resume_state"): "bool",
+          ("evaluate", "n_test"): "int", ("evaluate", "attacks"): "list", ("evaluate", "autoattack", "n_test"): "int",
+          ("diagnose", "quick"): "bool", ("diagnose", "seeds"): "list", ("experiments", "mnist", "seeds"): "list",
+          ("experiments", "mnist", "methods"): "list", ("resources", "train", "threads"): "int", ("device",): "enum",
+          ("method_options", "gmr", "alpha"): "num", ("evaluate", "attack_params", "pgd", "steps"): "int"}
+_MAPPINGS = [(), ("train",), ("evaluate",), ("evaluate", "autoattack"), ("diagnose",), ("experiments", "mnist"),
+             ("resources", "train"), ("method_options", "gmr"), ("evaluate", "attack_params", "pgd")]
+_REQUIRED = [("experiments",)] + [("experiments", "mnist", k) for k in ("dataset", "model", "eps", "methods", "seeds")]
+_BAD_EPS = ["8/0", "abc", "", "-1/2", "9/8", "0.3", [0.3, "3/10"], [0.5, "1/2"], ["8/255", "16/510"]]
+
+
+def _mutations(kind: str):
+    """Strategy for one config mutation of a kind: (key path, value); value None deletes the key."""
+    from hypothesis import strategies as st
+
+    def ranged(path, values):
+        return st.tuples(st.just(path), values)
+
+    if kind == "delete":
+        return st.tuples(st.sampled_from(_REQUIRED), st.none())
+    if kind == "type":
+        return st.sampled_from(sorted(_TYPED)).flatmap(
+            lambda p: st.tuples(st.just(p), st.sampled_from(_WRONG[_TYPED[p]])))
+    if kind == "unknown":
+        key = st.from_regex(r"zz[a-z_]{1,6}", fullmatch=True)
+        return st.tuples(st.tuples(st.sampled_from(_MAPPINGS), key).map(lambda t: t[0] + (t[1],)), st.just(1))
+    if kind == "range":
+        return st.one_of(
+            ranged(("train", "epochs"), st.integers(-10**6, 0)), ranged(("train", "lr"), st.floats(-10, 0)),
+            ranged(("train", "momentum"), st.floats(1.001, 100)), ranged(("diagnose", "n_test"), st.integers(-100, 0)),
+            ranged(("evaluate", "n_test"), st.one_of(st.integers(-100, -1), st.integers(10_001, 10**7))),
+            ranged(("evaluate", "autoattack", "n_test"), st.integers(-100, -2)),
+            ranged(("resources", "train", "mem_mb"), st.integers(0, 99)),
+            ranged(("evaluate", "attack_params", "pgd", "steps"), st.integers(-100, 0)),
+            ranged(("evaluate", "attack_params", "pgd", "step_size"), st.floats(-10, 0)))
+    eps = st.one_of(st.sampled_from(_BAD_EPS), st.floats(1.001, 1e6), st.floats(-1e6, -1e-6), st.just(float("nan")))
+    return st.tuples(st.just(("experiments", "mnist", "eps")), eps.map(lambda e: e if isinstance(e, list) else [e]))
+
+
+def _mutate(cfg: dict, path: tuple, value) -> dict:
+    node = cfg
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    if value is None:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize("kind", ["delete", "type", "unknown", "range", "eps"])
+def test_config_mutations_fail_before_any_job(kind):
+    """Fuzz: a deleted required key, a wrong type, an unknown key, a number out of range or a bad eps
+    anywhere in the config stops the dry run with one error line naming the key, and creates nothing.
+    4 examples of each kind, ~2 s each (no shrinking: a failure prints its example)."""
+    import tempfile
+
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    @settings(max_examples=4, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(_mutations(kind))
+    def check(mutation):
+        path, value = mutation
+        base = yaml.safe_load(TEST_CONFIG.read_text())
+        base["method_options"] = {"gmr": {"lambda_": 5.0}}
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            config = workdir / "c.yaml"
+            config.write_text(yaml.safe_dump(_mutate(base, path, value)))
+            out = _fails_before_any_job(workdir, "--configfile", str(config))
+        lines = [line for line in out.splitlines() if line.startswith("config")]
+        assert len(lines) == 1 and (str(path[-1]) in lines[0] or repr(value) in lines[0]), (mutation, out[-2000:])
+
+    check()
 
 
 def test_default_config_is_the_documented_study():
@@ -113,6 +251,15 @@ def test_every_torch_job_runs_the_threads_snakemake_gave_it(tmp_path):
         {"train", "evaluate", "diagnose"}
     for command in torch_jobs:
         assert "--threads 2 " in command, command
+
+
+def test_audit_and_comparisons_follow_the_config(tmp_path):
+    commands = _shell_commands(tmp_path, "--cores", "1", diagnose={"seed": 7, "seeds": [0], "n_test": 40,
+                                                                     "n_curve": 20, "quick": True},
+                               report={"comparisons": {"gmr": ["fgsm"]}})
+    assert all("--seed 7 " in c for c in commands if " diagnose --run " in c)
+    tables = [c for c in commands if " tables --runs " in c]
+    assert tables and "--comparisons gmr:fgsm" in tables[0]
 
 
 def test_last_model_evaluation_reuses_the_selected_models_result(tmp_path):

@@ -10,7 +10,9 @@ became available later, or after a change of the rules). The rules and the verdi
 `gmr/masking/rules.py`, the probes in `gmr/masking/probes.py`.
 
 Every audit names the `run_id` of the run it measured (and `transfer_run_id` of the source run of the
-transfer check); an evaluation record is used only when its `run_id` is that of the audited run.
+transfer check); an evaluation record is used only when its `run_id` is that of the audited run. Its
+per-example arrays (the .npz beside it) give the checks on the evaluation their paired intervals; the
+checks' confidence level is `settings.confidence` of the audit, kept by `reaudit`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..cost import device_facts, pick_device
@@ -28,7 +31,8 @@ from .probes import PROBES, ProbeSettings, Table, run_probes, summarise
 from .rules import aa_accuracy, autoattack_summary, build_checks, verdict
 
 __all__ = ["AUDIT_SCHEMA", "DiagnoseConfig", "Diagnosis", "ProbeSettings", "diagnose", "reaudit",
-           "write_audit", "write_diagnosis", "read_tables", "read_eval_record", "validate_audit"]
+           "write_audit", "write_diagnosis", "read_tables", "read_eval_record", "read_eval_correct",
+           "validate_audit"]
 
 AUDIT_SCHEMA = "gmr.audit/1"
 DERIVED_TABLES = ("training_curves", "autoattack", "checks")  # from the run's log, --eval and the rules
@@ -61,7 +65,8 @@ class DiagnoseConfig:
                                      if self.transfer_from is not None else (None, None))
         eval_record = (read_eval_record(self.eval_json, record, self.checkpoint, run)
                        if self.eval_json is not None else None)
-        return Inputs(run, record, transfer, transfer_record, eval_record, pick_device(self.device))
+        eval_correct = read_eval_correct(self.eval_json, eval_record) if eval_record is not None else {}
+        return Inputs(run, record, transfer, transfer_record, eval_record, pick_device(self.device), eval_correct)
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Inputs:
     transfer_record: dict | None
     eval_record: dict | None
     device: torch.device
+    eval_correct: dict[str, np.ndarray] = field(default_factory=dict)  # the evaluation's per-example arrays
 
 
 @dataclass
@@ -107,6 +113,21 @@ def read_eval_record(path: str | Path, run_record: dict, checkpoint: str, run: R
     return record
 
 
+def read_eval_correct(path: str | Path, record: dict) -> dict[str, np.ndarray]:
+    """The per-example correctness arrays of an evaluation record (its .npz, named by `per_example_file`,
+    beside the record), keyed as the record's `per_example` entries; {} when there is no such file (the
+    checks on the evaluation then compare their values without intervals, and say so)."""
+    path = Path(path)
+    npz = path.parent / record.get("per_example_file", path.with_suffix(".npz").name)
+    if not npz.is_file():
+        return {}
+    try:
+        with np.load(npz) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{npz} (per-example file of {path}) is not readable: {err}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # The audit
 
@@ -131,7 +152,7 @@ def _diagnose(cfg: DiagnoseConfig, inputs: Inputs) -> Diagnosis:
     probes = run_probes(model, x, y, float(record["eps"]), dataset=run_cfg["dataset"], settings=cfg.settings,
                         seed=cfg.seed, source_model=source)
     audit = _audit_header(cfg, inputs, len(y), time.perf_counter() - start)
-    return judge(audit, probes.tables, inputs.eval_record, inputs.run.train_log())
+    return judge(audit, probes.tables, inputs.eval_record, inputs.run.train_log(), inputs.eval_correct)
 
 
 def _audit_header(cfg: DiagnoseConfig, inputs: Inputs, n: int, seconds: float) -> dict:
@@ -152,11 +173,14 @@ def _audit_header(cfg: DiagnoseConfig, inputs: Inputs, n: int, seconds: float) -
 
 
 def judge(audit: dict, tables: dict[str, Table], eval_record: dict | None,
-          train_rows: Sequence[dict] = ()) -> Diagnosis:
+          train_rows: Sequence[dict] = (), eval_correct: dict[str, np.ndarray] | None = None) -> Diagnosis:
     """Fill the summary, checks and verdict of `audit` from the probe tables, the run's training log
-    and an evaluation record; add the derived tables (training curves, AutoAttack, checks)."""
+    and an evaluation record with its per-example arrays; add the derived tables (training curves,
+    AutoAttack, checks). The checks' intervals are at the confidence of the audit's settings."""
     summary = summarise(tables)
-    checks = build_checks(summary, train_rows, eval_record, audit.get("checkpoint_epoch"))
+    confidence = (audit.get("settings") or {}).get("confidence", ProbeSettings.confidence)
+    checks = build_checks(summary, train_rows, eval_record, audit.get("checkpoint_epoch"), tables=tables,
+                          eval_correct=eval_correct, confidence=confidence)
     tables = {k: v for k, v in tables.items() if k not in DERIVED_TABLES}
     if train_rows:
         tables["training_curves"] = training_table(train_rows)
@@ -166,8 +190,7 @@ def judge(audit: dict, tables: dict[str, Table], eval_record: dict | None,
         tables["autoattack"] = ([{"attack": "autoattack", "accuracy": aa["accuracy"], "n": n_aa}] +
                                 [{"attack": k, "accuracy": aa_accuracy(v), "n": n_aa}
                                  for k, v in aa["per_attack"].items()])
-    tables["checks"] = [{k: c[k] for k in ("name", "value", "threshold", "fails_when", "passed", "role",
-                                            "source")} for c in checks]
+    tables["checks"] = [check_row(c) for c in checks]
     co = catastrophic_overfitting_epoch(train_rows) if train_rows else None
     audit = dict(audit)
     audit["summary"] = {**summary, "catastrophic_overfitting_epoch": co,
@@ -176,6 +199,14 @@ def judge(audit: dict, tables: dict[str, Table], eval_record: dict | None,
     audit["checks"] = checks
     audit["verdict"] = verdict(checks)
     return Diagnosis(audit=audit, tables=tables)
+
+
+def check_row(check: dict) -> dict:
+    """A check as a row of checks.csv: the interval in two columns."""
+    low, high = check["interval"] or (None, None)
+    return {**{k: check[k] for k in ("name", "value", "threshold", "fails_when", "passed", "decision")},
+            "interval_low": low, "interval_high": high,
+            **{k: check[k] for k in ("n", "n_of", "n_needed", "role", "source")}}
 
 
 def training_table(rows: Sequence[dict]) -> Table:
@@ -222,9 +253,10 @@ def reaudit(diag_dir: str | Path, eval_json: str | None = None, run: str | None 
                          f"not --checkpoint {checkpoint}")
     eval_json = eval_json or (old.get("inputs") or {}).get("eval_json")
     eval_record = read_eval_record(eval_json, record, old["checkpoint"], run_dir) if eval_json else None
+    eval_correct = read_eval_correct(eval_json, eval_record) if eval_record is not None else {}
     audit = {k: v for k, v in old.items() if k not in ("summary", "checks", "verdict", "files")}
     audit["inputs"] = {**(old.get("inputs") or {}), "eval_json": eval_json}
-    return judge(audit, read_tables(diag_dir), eval_record, run_dir.train_log())
+    return judge(audit, read_tables(diag_dir), eval_record, run_dir.train_log(), eval_correct)
 
 
 def _read_audit(diag_dir: Path) -> dict:
@@ -271,12 +303,22 @@ def write_diagnosis(diag: Diagnosis, out: str | Path) -> list[Path]:
 def write_audit(cfg: DiagnoseConfig, out: str | Path, *, audit_only: bool = False) -> dict:
     """What `gmr diagnose` does: check the inputs, audit the run (or, with `audit_only`, rebuild the
     audit from the CSV files already in `out`) and write every file into `out`; returns the audit.
-    Bad input raises ValueError (one line) before any work."""
+    Bad input (a damaged training log included) raises ValueError (one line) before any work. Holds the
+    folder's lock meanwhile (LockHeld when another process writes it), removes the temporary files a
+    killed writer left, and removes an old audit.json before writing, so that no verdict stands beside
+    files of another audit when a write fails."""
+    from ..io import remove_stale_temps
+    from ..locks import lock_folder
+
     inputs = cfg.validate()
     out = ensure_writable_dir(out)
-    if audit_only:
-        diag = reaudit(out, cfg.eval_json, cfg.run, cfg.checkpoint)
-    else:
-        diag = _diagnose(cfg, inputs)
-    write_diagnosis(diag, out)
+    inputs.run.train_log(inputs.record)  # a damaged log stops here, before any work (RunError)
+    with lock_folder(out):  # one writer of the folder (LockHeld: exit 2)
+        remove_stale_temps(out)  # left by a killed writer: no live one holds the lock
+        if audit_only:
+            diag = reaudit(out, cfg.eval_json, cfg.run, cfg.checkpoint)
+        else:
+            diag = _diagnose(cfg, inputs)
+        (out / "audit.json").unlink(missing_ok=True)  # no verdict beside half-rewritten files if a write fails
+        write_diagnosis(diag, out)
     return diag.audit

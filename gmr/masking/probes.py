@@ -6,11 +6,17 @@ adds headline numbers to the audit's summary (from the tables alone, so `reaudit
 the CSV files). A rule in `gmr/masking/rules.py` turns a headline number into a check.
 
 Work that several probes need (each batch's input gradient, its FGSM and PGD examples, losses and
-correctness under each, the loss along the FGSM direction) is computed once per audit by the
-`ProbeContext` and cached there.
+correctness under each, the loss along the FGSM direction, the per-point gradient cosines, the transfer
+attack and the per-point correctness along the sanity curves) is computed once per audit by the
+`ProbeContext` and cached there. The checks put intervals on their values from per-point data, so the
+per-point results are tables too: `per_example` (one row per audit point, with the gradient cosines
+behind `gradient_alignment` and the transfer correctness behind `transfer`) and `curve_points` (one row
+per point and x of each sanity curve).
 
 Randomness: every probe draws from its own `torch.Generator`, seeded from (audit seed, crc32 of the
-probe's name) by `probe_seed`, and so does the shared PGD attack of the context ("pgd_examples").
+probe's name) by `probe_seed`, and so does the shared work of the context ("pgd_examples"; the cached
+cosines, transfer and curves draw from the generator of the probe they first belonged to, so their
+numbers are those of the probes before the per-point tables existed).
 Adding, removing or reordering a probe therefore never changes another probe's numbers. (Before the
 masking package one generator ran through all probes in turn, so the random draws, and the numbers that
 depend on them, differ from audits written before it.) The accuracy-vs-eps and accuracy-vs-steps curves
@@ -72,11 +78,17 @@ def fgsm_rfgsm_logit_distance(model, x, y, eps: float, alpha: float,
 
 def gradient_alignment(model, x, y, eps: float, generator: torch.Generator | None = None) -> float:
     """E cos(grad(x), grad(x + eta)), eta ~ U(-eps, eps) (Andriushchenko & Flammarion 2020)."""
+    return gradient_cosines(model, x, y, eps, generator).mean().item()
+
+
+def gradient_cosines(model, x, y, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per point: cos(grad(x), grad(x + eta)), eta ~ U(-eps, eps); the audit keeps them so that the
+    alignment check can put an interval on their mean."""
     eta = _uniform_like(x, -eps, eps, generator)
     with eval_mode(model):
         grad, _ = input_gradient(model, torch.cat([x, (x + eta).clamp(0, 1)]), torch.cat([y, y]))
     g1, g2 = grad.flatten(1).chunk(2)
-    return F.cosine_similarity(g1, g2, dim=1, eps=1e-12).mean().item()
+    return F.cosine_similarity(g1, g2, dim=1, eps=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +111,7 @@ class ProbeSettings:
     alpha: float | None = None         # noise of the R-FGSM probe; None: the dataset's probe_alpha
     attack_steps: int | None = None    # steps of the main PGD; None: the evaluation default (MNIST 100
                                        # x 0.01, CIFAR 20 x 2/255); else step 2.5 eps / steps
+    confidence: float = 0.95           # level of the checks' intervals (gmr/masking/rules.py)
 
     @classmethod
     def quick(cls) -> "ProbeSettings":
@@ -114,6 +127,8 @@ class ProbeSettings:
             raise ValueError(f"surface_points must be at least 2, got {self.surface_points}")
         if self.line_points < 3 or self.line_points % 2 == 0:
             raise ValueError(f"line_points must be odd and >= 3 (eps lies on the grid), got {self.line_points}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must lie strictly between 0 and 1, got {self.confidence}")
         if self.attack_steps is not None and self.attack_steps <= 0:
             raise ValueError(f"attack_steps must be positive, got {self.attack_steps}")
         if not self.pgd_steps or min(self.pgd_steps) < 1:
@@ -228,6 +243,71 @@ class ProbeContext:
         nc = min(self.settings.n_curve, len(self.x))
         return self.x[:nc], self.y[:nc]
 
+    @cached_property
+    def alignment_cosines(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per batch: cos(grad x, grad(x + eta)) of every point, then of the points FGSM does not break
+        with a second draw of eta (None when FGSM breaks them all), from the "gradient_alignment"
+        generator batch after batch (the per-batch means are the trainer's alignment probe)."""
+        gen = self.generator("gradient_alignment")
+        out = []
+        for b in self.batches:
+            every = gradient_cosines(self.model, b.x, b.y, self.eps, gen)
+            robust = b.correct["fgsm"]
+            out.append((every, gradient_cosines(self.model, b.x[robust], b.y[robust], self.eps, gen)
+                        if robust.any() else None))
+        return out
+
+    @cached_property
+    def transfer_correct(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per point: is the model (and is the source model) right on the PGD examples crafted on the
+        source model (the "transfer" generator)? None without a source model."""
+        if self.source_model is None:
+            return None
+        gen = self.generator("transfer")
+        target, source = [], []
+        with eval_mode(self.source_model), eval_mode(self.model):
+            for b in self.batches:
+                xa = attacks.pgd(self.source_model, b.x, b.y, self.eps, generator=gen, **self.pgd_params)
+                target.append(loss_and_correct(self.model, xa, b.y)[1].cpu())
+                source.append(loss_and_correct(self.source_model, xa, b.y)[1].cpu())
+        return torch.cat(target), torch.cat(source)
+
+    @cached_property
+    def eps_curve(self) -> dict[float, torch.Tensor]:
+        """Per eps of the sweep: per-point correctness of the curve points under PGD (clean at eps 0).
+        Every eps starts from the same draws (a fresh "accuracy_vs_eps" generator)."""
+        s, (xc, yc) = self.settings, self.curve_points
+        grid = sorted({round(f * self.eps, 6) for f in s.eps_factors} | {float(e) for e in s.large_eps})
+        return {e: pgd_correct(self.model, xc, yc, e, s.sweep_steps, 2.5 * e / s.sweep_steps,
+                               self.generator("accuracy_vs_eps"), s.batch_size)
+                if e > 0 else clean_correct(self.model, xc, yc, s.batch_size) for e in grid}
+
+    @cached_property
+    def steps_curve(self) -> dict[int, tuple[float, torch.Tensor]]:
+        """Per PGD step count: its step size and the per-point correctness of the curve points. Every
+        count starts from the same draws (a fresh "accuracy_vs_steps" generator)."""
+        s, (xc, yc) = self.settings, self.curve_points
+        out = {}
+        for k in sorted(set(s.pgd_steps)):
+            step = max(self.default_step, 2.5 * self.eps / k)
+            out[k] = step, pgd_correct(self.model, xc, yc, self.eps, k, step,
+                                       self.generator("accuracy_vs_steps"), s.batch_size)
+        return out
+
+    @cached_property
+    def restarts_curve(self) -> list[torch.Tensor]:
+        """After 1, 2, ... R restarts: per point, whether every restart so far failed (worst case); each
+        restart draws new starts from the "accuracy_vs_restarts" generator."""
+        s, (xc, yc) = self.settings, self.curve_points
+        gen = self.generator("accuracy_vs_restarts")
+        robust = torch.ones(len(xc), dtype=torch.bool)
+        out = []
+        for _ in range(s.restarts):
+            robust = robust & pgd_correct(self.model, xc, yc, self.eps, s.restart_steps,
+                                          2.5 * self.eps / s.restart_steps, gen, s.batch_size)
+            out.append(robust)
+        return out
+
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
@@ -290,14 +370,9 @@ def pgd_correct(model, x, y, eps, steps, step_size, gen, batch_size) -> torch.Te
     return torch.cat(out)
 
 
-def pgd_accuracy(model, x, y, eps, steps, step_size, gen, batch_size) -> float:
-    return pgd_correct(model, x, y, eps, steps, step_size, gen, batch_size).float().mean().item()
-
-
-def clean_accuracy(model, x, y, batch_size) -> float:
+def clean_correct(model, x, y, batch_size) -> torch.Tensor:
     with eval_mode(model):
-        return torch.cat([loss_and_correct(model, x[sl], y[sl])[1] for sl in batches(len(x), batch_size)]
-                         ).float().mean().item()
+        return torch.cat([loss_and_correct(model, x[sl], y[sl])[1].cpu() for sl in batches(len(x), batch_size)])
 
 
 def _num(v: torch.Tensor):
@@ -374,6 +449,13 @@ def _per_example_columns(ctx: ProbeContext, b: Batch, gen: torch.Generator) -> d
     loss, correct = ctx.line(b)
     cols["line_max_drop"], cols["line_nonmonotone"], cols["distorted"] = line_statistics(
         loss, correct, ctx.t_line, ctx.eps)
+    every, robust = ctx.alignment_cosines[b.index]
+    cols["grad_alignment"] = every
+    cols["grad_alignment_fgsm_robust"] = torch.full_like(every, float("nan"))
+    if robust is not None:
+        cols["grad_alignment_fgsm_robust"][b.correct["fgsm"]] = robust
+    if ctx.transfer_correct is not None:
+        cols["transfer_correct"] = ctx.transfer_correct[0][b.sl]
     return cols
 
 
@@ -395,15 +477,12 @@ def _alignment_summary(tables: dict[str, Table]) -> dict:
 @register_probe("gradient_alignment", summary=_alignment_summary,
                 description="per batch: E cos(grad(x), grad(x + eta)), all points and those FGSM does not break")
 def probe_gradient_alignment(ctx: ProbeContext) -> Table:
-    gen = ctx.generator("gradient_alignment")
     rows = []
-    for b in ctx.batches:
-        rows.append({"batch": b.index, "subset": "all", "n": len(b.x),
-                     "gradient_alignment": gradient_alignment(ctx.model, b.x, b.y, ctx.eps, gen)})
-        robust = b.correct["fgsm"]
-        if robust.any():
-            rows.append({"batch": b.index, "subset": "fgsm_robust", "n": int(robust.sum()),
-                         "gradient_alignment": gradient_alignment(ctx.model, b.x[robust], b.y[robust], ctx.eps, gen)})
+    for b, (every, robust) in zip(ctx.batches, ctx.alignment_cosines):
+        rows.append({"batch": b.index, "subset": "all", "n": len(b.x), "gradient_alignment": every.mean().item()})
+        if robust is not None:
+            rows.append({"batch": b.index, "subset": "fgsm_robust", "n": len(robust),
+                         "gradient_alignment": robust.mean().item()})
     return rows
 
 
@@ -462,16 +541,10 @@ def _eps_summary(tables: dict[str, Table]) -> dict:
                 description="PGD accuracy from eps 0 to 1 (common random numbers across eps)")
 def probe_accuracy_vs_eps(ctx: ProbeContext) -> Table:
     s, eps = ctx.settings, ctx.eps
-    xc, yc = ctx.curve_points
-    grid = sorted({round(f * eps, 6) for f in s.eps_factors} | {float(e) for e in s.large_eps})
-    rows = []
-    for e in grid:
-        step = 2.5 * e / s.sweep_steps
-        acc = (pgd_accuracy(ctx.model, xc, yc, e, s.sweep_steps, step, ctx.generator("accuracy_vs_eps"),
-                            s.batch_size) if e > 0 else clean_accuracy(ctx.model, xc, yc, s.batch_size))
-        rows.append({"eps": e, "eps_over_train_eps": e / eps if eps else float("nan"), "accuracy": acc,
-                     "steps": s.sweep_steps if e > 0 else 0, "step_size": step, "n": len(xc)})
-    return rows
+    n = len(ctx.curve_points[1])
+    return [{"eps": e, "eps_over_train_eps": e / eps if eps else float("nan"),
+             "accuracy": correct.float().mean().item(), "steps": s.sweep_steps if e > 0 else 0,
+             "step_size": 2.5 * e / s.sweep_steps, "n": n} for e, correct in ctx.eps_curve.items()]
 
 
 def _steps_summary(tables: dict[str, Table]) -> dict:
@@ -482,14 +555,8 @@ def _steps_summary(tables: dict[str, Table]) -> dict:
 @register_probe("accuracy_vs_steps", summary=_steps_summary,
                 description="PGD accuracy for each step count (common random numbers across counts)")
 def probe_accuracy_vs_steps(ctx: ProbeContext) -> Table:
-    s = ctx.settings
-    xc, yc = ctx.curve_points
-    rows = []
-    for k in sorted(set(s.pgd_steps)):
-        step = max(ctx.default_step, 2.5 * ctx.eps / k)
-        rows.append({"steps": k, "step_size": step, "n": len(xc), "accuracy": pgd_accuracy(
-            ctx.model, xc, yc, ctx.eps, k, step, ctx.generator("accuracy_vs_steps"), s.batch_size)})
-    return rows
+    return [{"steps": k, "step_size": step, "n": len(correct), "accuracy": correct.float().mean().item()}
+            for k, (step, correct) in ctx.steps_curve.items()]
 
 
 def _restarts_summary(tables: dict[str, Table]) -> dict:
@@ -502,16 +569,19 @@ def _restarts_summary(tables: dict[str, Table]) -> dict:
                 description="worst-case PGD accuracy over 1 to R random restarts")
 def probe_accuracy_vs_restarts(ctx: ProbeContext) -> Table:
     s = ctx.settings
-    xc, yc = ctx.curve_points
-    gen = ctx.generator("accuracy_vs_restarts")
-    robust = torch.ones(len(xc), dtype=torch.bool)
-    step = 2.5 * ctx.eps / s.restart_steps
-    rows = []
-    for r in range(1, s.restarts + 1):
-        robust &= pgd_correct(ctx.model, xc, yc, ctx.eps, s.restart_steps, step, gen, s.batch_size)
-        rows.append({"restarts": r, "steps": s.restart_steps, "step_size": step, "n": len(xc),
-                     "accuracy": robust.float().mean().item()})
-    return rows
+    return [{"restarts": r, "steps": s.restart_steps, "step_size": 2.5 * ctx.eps / s.restart_steps,
+             "n": len(robust), "accuracy": robust.float().mean().item()}
+            for r, robust in enumerate(ctx.restarts_curve, 1)]
+
+
+@register_probe("curve_points", description="per point of the sanity curves: correct (1) or not at each eps "
+                "(curve eps), PGD step count (steps) and number of restarts (restarts); the paired checks "
+                "of the curves compare these point by point")
+def probe_curve_points(ctx: ProbeContext) -> Table:
+    curves = {"eps": ctx.eps_curve, "steps": {k: c for k, (_, c) in ctx.steps_curve.items()},
+              "restarts": dict(enumerate(ctx.restarts_curve, 1))}
+    return [{"curve": name, "x": x, "index": i, "correct": int(ok)}
+            for name, curve in curves.items() for x, correct in curve.items() for i, ok in enumerate(correct.tolist())]
 
 
 def _transfer_summary(tables: dict[str, Table]) -> dict:
@@ -525,20 +595,12 @@ def _transfer_summary(tables: dict[str, Table]) -> dict:
 @register_probe("transfer", summary=_transfer_summary, optional=True,
                 description="white-box vs transferred PGD accuracy (needs a source model: --transfer-from)")
 def probe_transfer(ctx: ProbeContext) -> Table:
-    if ctx.source_model is None:
+    if ctx.transfer_correct is None:
         return []
-    gen = ctx.generator("transfer")
-    correct_t, correct_src = [], []
-    with eval_mode(ctx.source_model), eval_mode(ctx.model):
-        for b in ctx.batches:
-            xa = attacks.pgd(ctx.source_model, b.x, b.y, ctx.eps, generator=gen, **ctx.pgd_params)
-            correct_t.append(loss_and_correct(ctx.model, xa, b.y)[1].cpu())
-            correct_src.append(loss_and_correct(ctx.source_model, xa, b.y)[1].cpu())
-    n = len(ctx.x)
+    target, source = ctx.transfer_correct
     acc = {"white-box": ctx.stacked("correct", "pgd").float().mean().item(),
-           "transfer": torch.cat(correct_t).float().mean().item(),
-           "source white-box": torch.cat(correct_src).float().mean().item()}
-    return [{"attack": "pgd", "kind": kind, "accuracy": a, "n": n} for kind, a in acc.items()]
+           "transfer": target.float().mean().item(), "source white-box": source.float().mean().item()}
+    return [{"attack": "pgd", "kind": kind, "accuracy": a, "n": len(ctx.x)} for kind, a in acc.items()]
 
 
 # --------------------------------------------------------------------------------------------------

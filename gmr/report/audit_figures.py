@@ -10,7 +10,8 @@ import numpy as np
 
 from ..io import read_csv
 from .style import (LOSS_FLOOR, _col, _co_epoch, _draw_surface, _finish_training_axes, _log_x, _surface_grid,
-                    _title, _training_axes, method_color, method_label, plt, save_figure)
+                    _title, _training_axes, accuracy_bounds, draw_intervals, error_bars, method_color,
+                    method_label, plt, save_figure, training_legend)
 
 
 def diagnosis_figures(diag_dir: str | Path, audit: dict) -> list[Path]:
@@ -28,16 +29,19 @@ def diagnosis_figures(diag_dir: str | Path, audit: dict) -> list[Path]:
     return written
 
 
-def _fig_attacks(d: Path, audit: dict) -> list[Path]:
+def _attack_bars(d: Path, audit: dict) -> tuple[list[str], list[float], list, list[str]]:
+    """Names, accuracies, 95% intervals (from each row's n) and colours of the attacks bar chart."""
     rows = read_csv(d / "attack_gap.csv")
     names = [str(r["attack"]).upper() if r["attack"] != "clean" else "clean" for r in rows]
     accs = [r["accuracy"] for r in rows]
+    bounds = [accuracy_bounds(r["accuracy"], r.get("n", audit["n_examples"])) for r in rows]
     colors = ["#999999", "#f4a582", "#b2182b"]
     if (d / "transfer.csv").exists():
         for r in read_csv(d / "transfer.csv"):
             if r["kind"] == "transfer":
                 names.append("PGD transfer")
                 accs.append(r["accuracy"])
+                bounds.append(accuracy_bounds(r["accuracy"], r.get("n", audit["n_examples"])))
                 colors.append("#92c5de")
     if (d / "autoattack.csv").exists():
         for r in read_csv(d / "autoattack.csv"):
@@ -45,18 +49,26 @@ def _fig_attacks(d: Path, audit: dict) -> list[Path]:
             suffix = f" (n={int(n_aa)})" if not math.isnan(n_aa) and int(n_aa) != audit["n_examples"] else ""
             names.append(("AA" if r["attack"] == "autoattack" else f"AA: {r['attack']}") + suffix)
             accs.append(r["accuracy"])
+            bounds.append(accuracy_bounds(r["accuracy"], n_aa))
             colors.append("#5e3c99" if r["attack"] == "autoattack" else "#b2abd2")
+    return names, accs, bounds, colors[:len(names)] + ["#cccccc"] * (len(names) - len(colors))
+
+
+def _fig_attacks(d: Path, audit: dict) -> list[Path]:
+    names, accs, bounds, colors = _attack_bars(d, audit)
     fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(names) + 1.5), 3.4))
-    bars = ax.bar(range(len(names)), accs, color=colors[:len(names)] + ["#cccccc"] * (len(names) - len(colors)))
-    for b, a in zip(bars, accs):
+    bars = ax.bar(range(len(names)), accs, color=colors, yerr=error_bars(accs, bounds), capsize=3,
+                  error_kw={"elinewidth": 1, "ecolor": "#333333"})
+    for b, a, (_, high) in zip(bars, accs, bounds):
         if not math.isnan(a):
-            ax.text(b.get_x() + b.get_width() / 2, a + 0.01, f"{a:.2f}", ha="center", va="bottom", fontsize=8)
+            top = high if not math.isnan(high) else a
+            ax.text(b.get_x() + b.get_width() / 2, top + 0.01, f"{a:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("accuracy (fraction of test points)")
     gap = audit["summary"]["fgsm_pgd_accuracy_gap"]
     ax.set_title(f"{_title(audit)}\naccuracy under attack, eps = {audit['eps']:.3g}, "
-                 f"n = {audit['n_examples']}; FGSM - PGD gap {gap:.2f}")
+                 f"n = {audit['n_examples']} (bars: 95% intervals); FGSM - PGD gap {gap:.2f}")
     return save_figure(fig, d, "attacks")
 
 
@@ -107,34 +119,42 @@ def _fig_loss_surface(d: Path, audit: dict) -> list[Path]:
     return save_figure(fig, d, "loss_surface")
 
 
+def _accuracy_points(ax, rows, x_key: str, color: str, **kw) -> list[tuple[float, float]]:
+    """Accuracy against `x_key` with its 95% intervals (from each row's n) as error bars; the bounds."""
+    xs, ys = _col(rows, x_key), _col(rows, "accuracy")
+    bounds = [accuracy_bounds(y, r.get("n")) for y, r in zip(ys, rows)]
+    ax.plot(xs, ys, "o-", color=color, **kw)
+    draw_intervals(ax, xs, ys, bounds, color)
+    return bounds
+
+
 def _fig_sanity(d: Path, audit: dict) -> list[Path]:
     color = method_color(audit["method"])
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.4))
     rows = read_csv(d / "accuracy_vs_eps.csv")
-    a1.plot(_col(rows, "eps"), _col(rows, "accuracy"), "o-", color=color, label="PGD")
+    _accuracy_points(a1, rows, "eps", color, label="PGD")
     a1.axvline(audit["eps"], color="k", ls="--", lw=1, label=f"training eps {audit['eps']:.3g}")
     a1.axhline(0.05, color="#999999", ls=":", lw=1, label="must fall below 0.05")
     a1.set_xlabel("Linf budget eps (pixel units in [0, 1])")
-    a1.set_ylabel("accuracy (fraction)")
+    a1.set_ylabel("accuracy (fraction; bars: 95% intervals)")
     a1.set_ylim(-0.02, 1.02)
     a1.set_title(f"accuracy vs eps (PGD-{int(rows[-1]['steps'])}, n = {int(rows[0]['n'])})")
     a1.legend()
     rows = read_csv(d / "accuracy_vs_steps.csv")
-    a2.plot(_col(rows, "steps"), _col(rows, "accuracy"), "o-", color=color)
+    spans = [(rows, _accuracy_points(a2, rows, "steps", color))]
     _log_x(a2, _col(rows, "steps"))
     a2.set_xlabel("PGD steps (log scale; step size max(default, 2.5 eps / steps))")
     a2.set_ylabel("accuracy (fraction)")
     a2.set_title(f"accuracy vs PGD steps at eps = {audit['eps']:.3g}")
     rows = read_csv(d / "accuracy_vs_restarts.csv")
-    a3.plot(_col(rows, "restarts"), _col(rows, "accuracy"), "o-", color=color)
+    spans.append((rows, _accuracy_points(a3, rows, "restarts", color)))
     a3.set_xlabel(f"random restarts (PGD-{int(rows[0]['steps'])} each)")
     a3.set_ylabel("accuracy (fraction; worst case)")
     a3.xaxis.get_major_locator().set_params(integer=True)
     a3.set_title("accuracy vs restarts")
-    for ax in (a2, a3):
-        lo = min(ax.get_lines()[0].get_ydata())
-        hi = max(ax.get_lines()[0].get_ydata())
-        ax.set_ylim(max(-0.02, lo - 0.1), min(1.02, hi + 0.1))
+    for ax, (rows, bounds) in zip((a2, a3), spans):
+        values = [v for r, (lo, hi) in zip(rows, bounds) for v in (r["accuracy"], lo, hi) if not math.isnan(v)]
+        ax.set_ylim(max(-0.02, min(values) - 0.1), min(1.02, max(values) + 0.1))
     fig.suptitle(_title(audit), y=1.02)
     fig.tight_layout()
     return save_figure(fig, d, "sanity_curves")
@@ -170,4 +190,5 @@ def _fig_training(d: Path, audit: dict) -> list[Path]:
     _finish_training_axes(axes)
     fig.suptitle(f"{_title(audit)}: training log (rule for catastrophic overfitting: Wong et al. 2020)")
     fig.tight_layout()
+    training_legend(fig, axes)
     return save_figure(fig, d, "training_curves")

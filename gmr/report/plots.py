@@ -2,12 +2,16 @@
 robust_accuracy_vs_cost and, from diagnose folders, loss_surfaces, loss_along_fgsm, accuracy_vs_eps and
 accuracy_vs_steps; plus audit_summary.csv (one row per audit). PNG and PDF each.
 
+Accuracies carry their 95% intervals as error bars (an evaluation's own ci_low/ci_high, else the Wilson
+interval of the points it was measured on); legends sit beside or below the axes, never over data.
+
 Every method is drawn in its registered colour and named by its registered title (gmr/methods.py), in
 registration order. Evaluations and audits are matched to the runs they measured by `run_id` only.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,7 +21,8 @@ from ..io import read_csv, write_csv
 from ..methods import method_color, method_title
 from ..runs import RunDir, catastrophic_overfitting_epoch
 from .style import (LOSS_FLOOR, _col, _draw_surface, _finish_training_axes, _log_x, _order_key, _surface_grid,
-                    _training_axes, plt, save_figure)
+                    _training_axes, accuracy_bounds, draw_intervals, legend_below, legend_panel, plt,
+                    save_figure, training_legend)
 from .tables import TableInputError, check_link, read_record, read_run, writable_dir
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -144,6 +149,7 @@ def _cmp_training(items, out) -> list[Path]:
     fig.suptitle(f"training curves on the validation subset ({ds}, eps = {eps:.3g}); dotted: catastrophic "
                  "overfitting (Wong et al. 2020 rule)")
     fig.tight_layout()
+    training_legend(fig, axes)
     return save_figure(fig, out, "training_curves")
 
 
@@ -161,27 +167,55 @@ def _diag_for(run_id: str, items: Sequence[dict]) -> dict | None:
     return matches[0] if matches else None
 
 
-def robustness_source(items, diag_items, eval_records) -> tuple[str, list[float | None], list[str]]:
-    """The best robust-accuracy source available for every run: AutoAttack or PGD from evaluation JSONs,
-    else PGD of the diagnose audits, else the selected epoch's validation PGD from run.json. Returns the
-    axis label, one value per run and the checkpoint each value is of."""
+@dataclass
+class RobustnessSource:
+    """Robust accuracy of each run for the cost figure: the axis label, one value per run (None: no
+    number), its (low, high) interval and the checkpoint it is of."""
+    label: str
+    values: list[float | None]
+    bounds: list[tuple[float, float]]
+    checkpoints: list[str]
+
+
+def _entry_bounds(entry: dict, n) -> tuple[float, float]:
+    """An evaluation entry's interval: its own ci_low/ci_high, else the Wilson interval of its n."""
+    if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
+        return float(entry["ci_low"]), float(entry["ci_high"])
+    return accuracy_bounds(entry.get("accuracy"), entry.get("n_examples", n))
+
+
+def _from_evals(evals: list[dict | None], attack: str, title: str) -> RobustnessSource | None:
+    """The attack's accuracy from every run's evaluation; None unless all runs have it."""
+    entries = [((e or {}).get("attacks", {}).get(attack) or {}) for e in evals]
+    if not all(en.get("accuracy") is not None for en in entries):
+        return None
+    ns = sorted({int(en.get("n_examples", e.get("n_examples", 0))) for en, e in zip(entries, evals)})
+    return RobustnessSource(f"{title} accuracy (test, n = {', '.join(map(str, ns))})",
+                            [en["accuracy"] for en in entries],
+                            [_entry_bounds(en, e.get("n_examples")) for en, e in zip(entries, evals)],
+                            [e.get("checkpoint", "best") for e in evals])
+
+
+def robustness_source(items, diag_items, eval_records) -> RobustnessSource:
+    """The best robust-accuracy source available for every run, with its intervals: AutoAttack or PGD
+    from evaluation JSONs, else PGD of the diagnose audits, else the selected epoch's validation PGD
+    from run.json (intervals from the points each was measured on)."""
     evals = [_eval_for(it["run_id"], eval_records) for it in items]
-    eval_ckpts = [(e or {}).get("checkpoint", "best") for e in evals]
-    aa = [((e or {}).get("attacks", {}).get("autoattack") or {}).get("accuracy") for e in evals]
-    if all(a is not None for a in aa):
-        n = evals[0].get("n_examples")
-        return f"AutoAttack accuracy (test, n = {n})", aa, eval_ckpts
-    pgd = [((e or {}).get("attacks", {}).get("pgd") or {}).get("accuracy") for e in evals]
-    if all(p is not None for p in pgd):
-        n = evals[0].get("n_examples")
-        return f"PGD accuracy (test, n = {n})", pgd, eval_ckpts
+    for attack, title in (("autoattack", "AutoAttack"), ("pgd", "PGD")):
+        found = _from_evals(evals, attack, title)
+        if found is not None:
+            return found
     diags = [_diag_for(it["run_id"], diag_items) for it in items]
     if all(d is not None for d in diags):
-        return (f"PGD accuracy (test, n = {diags[0]['audit']['n_examples']}, from gmr diagnose)",
-                [d["audit"]["summary"]["pgd_accuracy"] for d in diags],
-                [d["audit"]["checkpoint"] for d in diags])
-    return ("PGD accuracy (validation, selected epoch, from run.json)",
-            [it["meta"]["metrics"]["best"].get("val_pgd") for it in items], ["best"] * len(items))
+        values = [d["audit"]["summary"]["pgd_accuracy"] for d in diags]
+        return RobustnessSource(
+            f"PGD accuracy (test, n = {diags[0]['audit']['n_examples']}, from gmr diagnose)", values,
+            [accuracy_bounds(v, d["audit"]["n_examples"]) for v, d in zip(values, diags)],
+            [d["audit"]["checkpoint"] for d in diags])
+    values = [it["meta"]["metrics"]["best"].get("val_pgd") for it in items]
+    return RobustnessSource("PGD accuracy (validation, selected epoch, from run.json)", values,
+                            [accuracy_bounds(v, it["meta"]["data"].get("n_val")) for v, it in zip(values, items)],
+                            ["best"] * len(items))
 
 
 def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
@@ -196,13 +230,15 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
 
 
 def _cmp_cost(items, diag_items, eval_records, out) -> list[Path]:
-    ylabel, ys, ckpts = robustness_source(items, diag_items, eval_records)
+    src = robustness_source(items, diag_items, eval_records)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, xlabel in ((axes[0], "train_seconds", "training time (seconds, without validation probes)"),
                             (axes[1], "passes", "training cost (forward + backward passes / 2, counted)")):
-        pts = [(it["meta"]["cost"][key], y, it, c) for it, y, c in zip(items, ys, ckpts) if y is not None]
-        for x, y, it, ckpt in pts:
+        pts = [(it["meta"]["cost"][key], y, it, c, b)
+               for it, y, c, b in zip(items, src.values, src.checkpoints, src.bounds) if y is not None]
+        for x, y, it, ckpt, bounds in pts:
             name = it["label"] + ("" if ckpt == "best" else f" [{ckpt} model]")
+            draw_intervals(ax, [x], [y], [bounds], it["color"])
             ax.scatter(x, y, color=it["color"], marker=it["marker"], s=45, zorder=3, label=name)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if pts:
@@ -214,9 +250,10 @@ def _cmp_cost(items, diag_items, eval_records, out) -> list[Path]:
         ax.set_xlabel(xlabel + " (log)")
         ax.set_ylabel("robust accuracy (fraction)")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"robust accuracy vs training cost (circled: Pareto front)\ny: {ylabel}")
+    fig.suptitle("robust accuracy vs training cost (circled: Pareto front; bars: 95% intervals)\n"
+                 f"y: {src.label}")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
+    legend_panel(fig, axes[:1])
     return save_figure(fig, out, "robust_accuracy_vs_cost")
 
 
@@ -253,47 +290,50 @@ def _cmp_line(items, out) -> list[Path]:
         a1.fill_between(ts, np.percentile(L, 25, 0), np.percentile(L, 75, 0), color=c, alpha=0.15)
         a2.plot(ts, C.mean(0), color=c, lw=2, ls=it["ls"],
                 label=f"{it['label']} (distorted {s['boundary_distortion']:.0%})")
+        draw_intervals(a2, ts, C.mean(0), [accuracy_bounds(v, n) for v in C.mean(0)], c, alpha=0.5)
     eps = items[0]["audit"]["eps"]
     for ax in (a1, a2):
         ax.axvline(eps, color="k", ls="--", lw=1)
         ax.set_xlabel("step t along sign(grad x) (Linf, pixel units)")
-        ax.legend(fontsize=7)
+        legend_below(ax)
     a1.set_yscale("log")
     a1.set_ylabel("cross-entropy loss (nats, log; median, 25-75% band)")
     a1.set_title("loss along the FGSM direction (dashed: training eps)")
-    a2.set_ylabel("accuracy (fraction)")
+    a2.set_ylabel("accuracy (fraction; bars: 95% intervals)")
     a2.set_ylim(-0.02, 1.02)
     a2.set_title("accuracy along the FGSM direction")
     fig.tight_layout()
     return save_figure(fig, out, "loss_along_fgsm")
 
 
+def _accuracy_curve(ax, rows, x_key: str, it: dict) -> None:
+    """One item's accuracy against `x_key`, with error bars where the CSV gives the points (n)."""
+    xs, ys = _col(rows, x_key), _col(rows, "accuracy")
+    ax.plot(xs, ys, marker=it["marker"], ls=it["ls"], color=it["color"], label=it["label"])
+    if rows and "n" in rows[0]:
+        draw_intervals(ax, xs, ys, [accuracy_bounds(y, r["n"]) for y, r in zip(ys, rows)], it["color"])
+
+
 def _cmp_eps(items, out) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for it in items:
-        rows = read_csv(Path(it["path"]) / "accuracy_vs_eps.csv")
-        ax.plot(_col(rows, "eps"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"],
-                color=it["color"], label=it["label"])
+        _accuracy_curve(ax, read_csv(Path(it["path"]) / "accuracy_vs_eps.csv"), "eps", it)
     eps = items[0]["audit"]["eps"]
     ax.axvline(eps, color="k", ls="--", lw=1, label=f"training eps {eps:.3g}")
     ax.set_xlabel("Linf budget eps (pixel units in [0, 1])")
-    ax.set_ylabel("PGD accuracy (fraction)")
+    ax.set_ylabel("PGD accuracy (fraction; bars: 95% intervals)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("accuracy vs eps (must reach 0 at large eps)")
-    ax.legend(fontsize=7)
+    fig.tight_layout()
+    legend_panel(fig, [ax])
     return save_figure(fig, out, "accuracy_vs_eps")
 
 
 def _cmp_steps(items, out) -> list[Path]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for it in items:
-        c = it["color"]
-        rows = read_csv(Path(it["path"]) / "accuracy_vs_steps.csv")
-        a1.plot(_col(rows, "steps"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"], color=c,
-                label=it["label"])
-        rows = read_csv(Path(it["path"]) / "accuracy_vs_restarts.csv")
-        a2.plot(_col(rows, "restarts"), _col(rows, "accuracy"), marker=it["marker"], ls=it["ls"], color=c,
-                label=it["label"])
+        _accuracy_curve(a1, read_csv(Path(it["path"]) / "accuracy_vs_steps.csv"), "steps", it)
+        _accuracy_curve(a2, read_csv(Path(it["path"]) / "accuracy_vs_restarts.csv"), "restarts", it)
     eps = items[0]["audit"]["eps"]
     _log_x(a1, sorted({int(r["steps"]) for it in items
                        for r in read_csv(Path(it["path"]) / "accuracy_vs_steps.csv")}))
@@ -303,10 +343,10 @@ def _cmp_steps(items, out) -> list[Path]:
     a2.xaxis.get_major_locator().set_params(integer=True)
     a2.set_title("accuracy vs restarts (must plateau)")
     for ax in (a1, a2):
-        ax.set_ylabel("PGD accuracy (fraction)")
+        ax.set_ylabel("PGD accuracy (fraction; bars: 95% intervals)")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
     fig.tight_layout()
+    legend_panel(fig, [a1])
     return save_figure(fig, out, "accuracy_vs_steps")
 
 

@@ -43,14 +43,15 @@ def missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def pct(mean, std=None, n_seeds=1) -> str:
-    """An accuracy as percent with one decimal, "± std" when more than one seed was averaged."""
-    if missing(mean):
+def pct_interval(value, low, high, signed: bool = False) -> str:
+    """A fraction and its interval as percent with one decimal, '38.0 [29.1, 47.8]' (the form of
+    gmr.stats.Estimate.text); '+12.0 [5.1, 18.7]' with `signed` (a difference). '–' when missing."""
+    if missing(value):
         return "–"
-    text = f"{100 * mean:.1f}"
-    if n_seeds and n_seeds > 1 and not missing(std):
-        text += f" ± {100 * std:.1f}"
-    return text
+    head = f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+    if missing(low) or missing(high):
+        return head
+    return f"{head} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def num(v, fmt="{:.3g}") -> str:
@@ -82,7 +83,8 @@ def to_markdown(f: Formatted) -> str:
 
 _LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
-                  "±": r"$\pm$", "−": r"$-$", "–": "--", "Δ": r"$\Delta$"}
+                  "±": r"$\pm$", "−": r"$-$", "–": "--", "Δ": r"$\Delta$", "×": r"$\times$", "<": r"$<$",
+                  ">": r"$>$"}
 
 
 def _tex(text) -> str:

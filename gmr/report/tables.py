@@ -15,9 +15,12 @@ columns and the notes on how to read them:
 `per_dataset=True` is built once per dataset of the evaluations, named `<name>_<dataset>`, and its
 function takes the dataset as a second argument. The tables, in registration order:
 
-    robustness_<dataset>  accuracy under each attack, mean +- std over training seeds, per (model,
-                          eps, method) for the selected (`best`) and the `last` model, with the rate
-                          of catastrophic overfitting across seeds
+    robustness_<dataset>  accuracy under each attack, mean over training seeds with its 95% interval
+                          (gmr.stats.aggregate_seeds on the per-example results) and the std, per
+                          (model, eps, method) for the selected (`best`) and the `last` model, with the
+                          rate of catastrophic overfitting across seeds
+    comparisons           paired comparisons of methods under PGD and AutoAttack on the same test
+                          points (gmr/report/comparisons.py)
     reference             published numbers beside ours where the setting matches (gmr/report/reference.py)
     cost                  seconds per epoch, training time, passes per sample, images per second, peak
                           memory, training time relative to PGD-AT, device
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from ..data import dataset_info, eps_text
@@ -43,8 +47,10 @@ from ..methods import method_rank, method_title
 from ..models import model_title
 from ..registry import Registry
 from ..runs import RunDir, RunError
+from ..stats import CONFIDENCE, accuracy_interval, aggregate_seeds
+from .comparisons import DEFAULT_PAIRS, compare_methods, format_comparisons
 from .reference import compare, format_comparison
-from .render import Formatted, Table, drop_constant, missing, num, pct, write_tables
+from .render import Formatted, Table, drop_constant, missing, num, pct_interval, write_tables
 
 # Evaluation attacks in table order, with their column titles (other attacks follow, by name).
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "rfgsm": "R-FGSM", "ifgsm": "I-FGSM", "pgd": "PGD",
@@ -53,8 +59,11 @@ CHECKPOINT_TITLES = {"best": "selected", "last": "last"}
 KEYS = ["dataset", "model", "eps", "method"]
 AUDIT_VALUES = ("clean_accuracy", "fgsm_accuracy", "pgd_accuracy", "fgsm_pgd_accuracy_gap",
                 "gradient_alignment", "fgsm_rfgsm_logit_distance", "fgsm_loss_nonmonotone")
-EVAL_COLUMNS = ["run_id", "checkpoint", "attack", "accuracy", "n_examples", "dataset", "model", "method",
-                "seed", "eps", "steps", "file"]
+EVAL_COLUMNS = ["run_id", "checkpoint", "attack", "accuracy", "n_correct", "ci_low", "ci_high", "interval_method",
+                "n_examples", "test_points", "dataset", "model", "method", "seed", "eps", "steps", "file",
+                "correct"]
+ONE_SEED = "wilson, 1 seed: no seed-to-seed spread"   # gmr.stats.aggregate_seeds says the same
+BINOMIAL_ONLY = "binomial only"
 
 Parts = tuple[pd.DataFrame, pd.DataFrame, list[str]]   # numbers, display columns, notes
 
@@ -111,10 +120,12 @@ def check_link(record: dict, path: str | Path, run_ids: set[str] | None, kind: s
 
 @dataclass
 class Results:
-    """What the tables are built from: one row per run, per (evaluation, attack) and per audit."""
+    """What the tables are built from: one row per run, per (evaluation, attack) and per audit, and the
+    pairs of methods (method, baseline) the comparisons table compares (None: its default pairs)."""
     runs: pd.DataFrame
     evals: pd.DataFrame
     audits: pd.DataFrame
+    pairs: Sequence[tuple[str, str]] | None = None
 
     @property
     def datasets(self) -> list[str]:
@@ -122,12 +133,14 @@ class Results:
 
 
 def load_results(run_dirs: Sequence[str | Path], eval_files: Sequence[str | Path] = (),
-                 audit_files: Sequence[str | Path] = ()) -> Results:
+                 audit_files: Sequence[str | Path] = (), pairs: Sequence[tuple[str, str]] | None = None
+                 ) -> Results:
     """Load every file and link evaluations and audits to the runs by run_id (TableInputError when a
-    record names no given run, or two run directories share an id)."""
+    record names no given run, or two run directories share an id). `pairs`: (method, baseline) pairs
+    for the comparisons table (None: gmr against fgsm, rfgsm and pgd, where present)."""
     runs = load_runs(run_dirs)
     ids = set(runs["run_id"]) if not runs.empty else set()
-    return Results(runs, load_evals(eval_files, ids), load_audits(audit_files, ids))
+    return Results(runs, load_evals(eval_files, ids), load_audits(audit_files, ids), pairs)
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
@@ -154,26 +167,62 @@ def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def per_example_arrays(f: str | Path, rec: dict) -> dict[str, np.ndarray] | None:
+    """The per-example correctness arrays of an evaluation: the .npz its record names in
+    `per_example_file`, beside the JSON. None when the record names none or the file is missing (the
+    tables then fall back to binomial intervals and say so); TableInputError when it cannot be read."""
+    name = rec.get("per_example_file")
+    if not name:
+        return None
+    path = Path(f).parent / name
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise TableInputError(f"per-example file {path} of {f} cannot be read: {err}") from None
+
+
+def _correct(f, arrays: dict | None, res: dict, n: int) -> np.ndarray | None:
+    """One entry's per-example correctness (bool, one per test point); None without arrays."""
+    if arrays is None:
+        return None
+    key = res.get("per_example")
+    if key not in arrays:
+        raise TableInputError(f"the per-example file of {f} has no array {key!r} for attack {res.get('attack')!r}")
+    ok = np.asarray(arrays[key])
+    if ok.shape != (n,) or not (ok.dtype == bool or np.isin(ok, (0, 1)).all()):
+        raise TableInputError(f"the per-example array {key!r} of {f} is not {n} correct/incorrect flags")
+    return ok.astype(bool)
+
+
 def _eval_rows(f: str | Path, rec: dict) -> list[dict]:
-    rows = []
+    rows, arrays = [], per_example_arrays(f, rec)
     for attack, res in rec["attacks"].items():
         if not isinstance(res, dict) or res.get("accuracy") is None:
             continue
         params = res.get("params") or {}
+        n = int(res.get("n_examples", rec.get("n_examples", 0)))
         rows.append({"run_id": rec["run_id"], "checkpoint": rec["checkpoint"], "attack": attack,
                      "accuracy": float(res["accuracy"]),
-                     "n_examples": int(res.get("n_examples", rec.get("n_examples", 0))),
+                     "n_correct": int(res.get("n_correct", round(float(res["accuracy"]) * n))),
+                     "ci_low": float(res.get("ci_low", math.nan)), "ci_high": float(res.get("ci_high", math.nan)),
+                     "interval_method": rec.get("interval_method"), "n_examples": n,
+                     "test_points": rec.get("test_points"),
                      "dataset": rec.get("dataset"), "model": rec.get("model"),
                      "method": rec.get("method"), "seed": rec.get("train_seed"),
                      # the record's budget: per-attack entries may carry their own (clean: 0)
                      "eps": float(rec["eps"] if rec.get("eps") is not None else res["eps"]),
-                     "steps": int(params["steps"]) if "steps" in params else None, "file": str(f)})
+                     "steps": int(params["steps"]) if "steps" in params else None, "file": str(f),
+                     "correct": _correct(f, arrays, res, n)})
     return rows
 
 
 def load_evals(files: Iterable[str | Path], run_ids: set[str] | None = None) -> pd.DataFrame:
-    """One row per (evaluation file, attack): run_id, checkpoint, accuracy, test points, PGD steps.
-    With `run_ids`, every file must have measured one of those runs.
+    """One row per (evaluation file, attack): run_id, checkpoint, accuracy with the record's interval,
+    test points, PGD steps and the per-example correctness (`correct`: a bool array, or None when the
+    evaluation's .npz is missing). With `run_ids`, every file must have measured one of those runs.
 
     Several files of one (run, checkpoint) are merged by attack; when two hold the same attack, the one
     on more test points wins (e.g. PGD on 1000 points over PGD on the AutoAttack subset)."""
@@ -261,10 +310,12 @@ def build_tables(results: Results) -> dict[str, Table]:
 
 
 def make_tables(run_dirs: Sequence[str | Path], eval_files: Sequence[str | Path],
-                audit_files: Sequence[str | Path], out: str | Path) -> tuple[list[str], list[Path]]:
+                audit_files: Sequence[str | Path], out: str | Path,
+                pairs: Sequence[tuple[str, str]] | None = None) -> tuple[list[str], list[Path]]:
     """Load the result files, build every registered table and write it in every format into `out`
-    (nothing is written when an input is bad). Returns the table names and the files written."""
-    tables = build_tables(load_results(run_dirs, eval_files, audit_files))
+    (nothing is written when an input is bad). `pairs`: see `load_results`. Returns the table names
+    and the files written."""
+    tables = build_tables(load_results(run_dirs, eval_files, audit_files, pairs))
     return list(tables), write_tables(tables, writable_dir(out))
 
 
@@ -301,17 +352,44 @@ def _attacks(evals: pd.DataFrame) -> list[str]:
     return [a for a in ATTACK_TITLES if a in found] + sorted(found - set(ATTACK_TITLES))
 
 
+def seed_interval(rows: pd.DataFrame) -> tuple[float, float, float, str]:
+    """(mean, low, high, interval method) of one attack over the seeds of one setting (one row each).
+
+    With every seed's per-example array: `gmr.stats.aggregate_seeds` (seed-to-seed and test-sample
+    variation; one seed: its Wilson interval), on the first points common to all seeds (each seed is
+    evaluated on the first n test points in order). Without them: one seed keeps its record's interval
+    (or the Wilson interval of its count); several seeds get the Wilson interval of their pooled
+    counts, named "binomial only" because it leaves out the seed-to-seed spread."""
+    arrays = list(rows["correct"])
+    if all(a is not None for a in arrays):
+        n = min(len(a) for a in arrays)
+        est = aggregate_seeds([a[:n] for a in arrays], CONFIDENCE)
+        return est.value, est.low, est.high, est.method
+    mean = float(rows["accuracy"].mean())
+    if len(rows) == 1:
+        r = rows.iloc[0]
+        if not (missing(r["ci_low"]) or missing(r["ci_high"])):
+            method = r["interval_method"] or "wilson"
+            return mean, float(r["ci_low"]), float(r["ci_high"]), f"{method}, 1 seed: no seed-to-seed spread"
+        return (mean, *accuracy_interval(int(r["n_correct"]), int(r["n_examples"]), CONFIDENCE), ONE_SEED)
+    low, high = accuracy_interval(int(rows["n_correct"].sum()), int(rows["n_examples"].sum()), CONFIDENCE)
+    return mean, low, high, f"{BINOMIAL_ONLY}: Wilson on the pooled points of {len(rows)} seeds"
+
+
 def _seed_summary(g: pd.DataFrame, attacks: Sequence[str]) -> dict:
-    """Mean, std (over seeds) and test points of each attack, and the catastrophic-overfitting count."""
+    """Per attack: mean over seeds with its interval, the std over seeds, test points per seed and the
+    interval's method; the catastrophic-overfitting count."""
     row: dict = {}
     seeds = g.drop_duplicates("run_id")
     row["n_seeds"] = len(seeds)
     for a in attacks:
-        acc = g.loc[g["attack"] == a, "accuracy"]
-        row[f"{a}_mean"] = acc.mean() if len(acc) else math.nan
-        row[f"{a}_std"] = acc.std(ddof=1) if len(acc) > 1 else (0.0 if len(acc) else math.nan)
-        n = g.loc[g["attack"] == a, "n_examples"]
-        row[f"{a}_n"] = int(n.min()) if len(n) else 0
+        rows = g[g["attack"] == a]
+        acc = rows["accuracy"]
+        mean, low, high, method = seed_interval(rows) if len(rows) else (math.nan, math.nan, math.nan, "")
+        row.update({f"{a}_mean": mean, f"{a}_low": low, f"{a}_high": high,
+                    f"{a}_n": int(rows["n_examples"].min()) if len(rows) else 0,
+                    f"{a}_std": acc.std(ddof=1) if len(acc) > 1 else (0.0 if len(acc) else math.nan),
+                    f"{a}_interval": method})
     co = seeds["co"].dropna()
     row["co_runs"] = int(co.sum()) if len(co) else None
     row["co_rate"] = float(co.mean()) if len(co) else math.nan
@@ -319,8 +397,9 @@ def _seed_summary(g: pd.DataFrame, attacks: Sequence[str]) -> dict:
 
 
 def robustness(results: Results, dataset: str) -> pd.DataFrame:
-    """One row per (model, eps, method, checkpoint) of `dataset`: for each attack the mean and std over
-    seeds of the accuracy and the number of test points; the catastrophic-overfitting rate."""
+    """One row per (model, eps, method, checkpoint) of `dataset`: for each attack the mean over seeds
+    with its interval (`seed_interval`), the std over seeds, the test points per seed and the interval's
+    method; the catastrophic-overfitting rate."""
     ev = results.evals[results.evals["dataset"] == dataset]
     if not results.runs.empty:
         ev = ev.join(results.runs.set_index("run_id")[["co"]], on="run_id")
@@ -337,14 +416,34 @@ def robustness(results: Results, dataset: str) -> pd.DataFrame:
     return _sort(table, ["_c"]).drop(columns="_c")
 
 
+def _interval_notes(t: pd.DataFrame, attacks: Sequence[str]) -> list[str]:
+    """How the intervals were made (every method used), naming the cells whose interval is binomial
+    only (no per-example arrays), so no cell is a bare point estimate."""
+    methods = {m for a in attacks for m in t[f"{a}_interval"] if m}
+    notes = [f"[low, high]: {100 * CONFIDENCE:.0f}% interval. Several seeds: mean over seeds, interval from the "
+             "per-example results of every seed (gmr.stats.aggregate_seeds: seed-to-seed and test-sample "
+             "variation, crossed seeds × test points); one seed: its Wilson interval. Mean ± std over seeds "
+             "(as papers report it) is in the CSV (<attack>_std)."]
+    binomial = [f"{r.method_title} ({CHECKPOINT_TITLES.get(r.checkpoint, r.checkpoint)}) "
+                f"{ATTACK_TITLES.get(a, a)}" for r in t.itertuples() for a in attacks
+                if str(getattr(r, f"{a}_interval")).startswith(BINOMIAL_ONLY)]
+    if binomial:
+        notes.append("Binomial only (the per-example .npz of an evaluation is missing): "
+                     + "; ".join(binomial) + ". These intervals hold the test-sample error of the pooled "
+                     "points but not the seed-to-seed spread.")
+    if any(m.startswith("clopper") for m in methods):
+        notes.append("Some one-seed intervals are Clopper-Pearson, as their evaluation records state.")
+    return notes
+
+
 def format_robustness(dataset: str, t: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     attacks = [c[:-5] for c in t.columns if c.endswith("_mean")]
     setting = _setting_columns(t)
     df = pd.DataFrame({"model": setting["model"], "eps": setting["eps"], "method": t["method_title"],
                        "checkpoint": t["checkpoint"].map(CHECKPOINT_TITLES)})
     for a in attacks:
-        df[ATTACK_TITLES.get(a, a)] = [pct(m, s, n)
-                                       for m, s, n in zip(t[f"{a}_mean"], t[f"{a}_std"], t["n_seeds"])]
+        df[ATTACK_TITLES.get(a, a)] = [pct_interval(m, lo, hi)
+                                       for m, lo, hi in zip(t[f"{a}_mean"], t[f"{a}_low"], t[f"{a}_high"])]
     df["CO rate"] = [f"{r}/{n}" if not missing(r) else "–" for r, n in zip(t["co_runs"], t["n_seeds"])]
     df["seeds"] = t["n_seeds"].astype(int).astype(str)
     df, constant = drop_constant(df, ["model", "eps"])
@@ -353,10 +452,11 @@ def format_robustness(dataset: str, t: pd.DataFrame) -> tuple[pd.DataFrame, list
         by_n.setdefault(n, []).append(title)
     on = dataset_info(dataset).title + (f" ({', '.join(constant)})" if constant else "")
     notes = [f"Test accuracy (%) on {on}"
-             + ", mean ± std over training seeds; selected = the epoch with the best validation I-FGSM-3 "
-             "accuracy (the paper's model selection), last = the final epoch.",
-             "Test points: " + "; ".join(f"{', '.join(v)} on the first {n}" for n, v in sorted(by_n.items()))
-             + ".",
+             + ", mean over training seeds [95% interval]; selected = the epoch with the best validation "
+             "I-FGSM-3 accuracy (the paper's model selection), last = the final epoch.",
+             "Test points per seed (n): " + "; ".join(f"{', '.join(v)} on the first {n}"
+                                                      for n, v in sorted(by_n.items())) + ".",
+             *_interval_notes(t, attacks),
              "CO rate: runs whose training log shows catastrophic overfitting (validation PGD accuracy "
              "fell far below an earlier best while FGSM accuracy held; criterion of "
              "gmr.runs.catastrophic_overfitting_epoch, after Wong et al. 2020) / seeds."]
@@ -365,17 +465,38 @@ def format_robustness(dataset: str, t: pd.DataFrame) -> tuple[pd.DataFrame, list
 
 @register_table(
     "robustness", per_dataset=True, title="Robustness on {dataset}",
-    caption="Test accuracy (%) under each attack, mean ± std over training seeds, for the selected model "
+    caption="Test accuracy (%) under each attack: the mean over training seeds with its 95% interval "
+            "[low, high], which holds both the seed-to-seed spread and the test-sample error (from every "
+            "seed's per-example results; with one seed, its Wilson interval), for the selected model "
             "(the epoch with the best validation I-FGSM-3 accuracy, as in the paper's code) and the last "
             "model. Columns: clean, FGSM, R-FGSM, I-FGSM, PGD (cross-entropy, random start), PGD-CW "
             "(CW-margin loss) and AutoAttack (standard, on its own smaller subset; the numbers of test "
-            "points are given below the table). Gradient masking shows as FGSM accuracy far above PGD and "
-            "AutoAttack accuracy (FGSM-AT); a robust model keeps them close (GMR, PGD-AT). CO rate: runs "
-            "whose training log shows catastrophic overfitting. The CSV beside this table has every number "
-            "with the number of test points per attack.")
+            "points n are given below the table). Gradient masking shows as FGSM accuracy far above PGD "
+            "and AutoAttack accuracy (FGSM-AT); a robust model keeps them close (GMR, PGD-AT). CO rate: "
+            "runs whose training log shows catastrophic overfitting. The CSV beside this table has every "
+            "number in its own column (<attack>_mean, _low, _high, _n, _std, _interval).")
 def robustness_table(results: Results, dataset: str) -> Parts:
     t = robustness(results, dataset)
     return (t, *format_robustness(dataset, t))
+
+
+@register_table(
+    "comparisons", title="Paired comparisons of methods",
+    caption="Method A against baseline B under PGD and AutoAttack, on the test points both were evaluated "
+            "on. Pairing: seed s of A with seed s of B, in the same setting (dataset, model, eps) and "
+            "checkpoint, each evaluated on the same first n test points; the paired per-example results "
+            "of the seeds present in both are put together, and n counts those pairs (seeds × points). "
+            "Difference A − B in points (%) with Newcombe's paired 95% interval; p: exact McNemar test on "
+            "the points only one of the two gets right; reading at the 5% level, with the number of points "
+            "that would decide an undecided comparison if the observed rates held. Pooling seeds makes this "
+            "a statement about these trained models; the seed-to-seed spread is in the robustness tables' "
+            "intervals. `gmr tables --comparisons A:B1,B2` chooses the pairs (default: GMR against "
+            "FGSM-AT, R-FGSM-AT and PGD-AT).")
+def comparisons_table(results: Results) -> Parts:
+    pairs = results.pairs if results.pairs is not None else DEFAULT_PAIRS
+    t, skipped = compare_methods(results.evals, _titles(results.runs), pairs, CONFIDENCE,
+                                 explicit=results.pairs is not None)
+    return (t, *format_comparisons(t, skipped))
 
 
 # --------------------------------------------------------------------------------------------------

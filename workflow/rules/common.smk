@@ -1,4 +1,5 @@
-# Shared helpers: the run grid of the config, file paths, and the command-line options of each job.
+# Shared helpers: the config checks, the run grid of the config, file paths, and the command-line
+# options of each job.
 #
 # Paths (R = config["results"]):
 #   R/data/{dataset}.txt                                    data root is ready (`gmr prepare-data` output)
@@ -10,20 +11,319 @@
 
 import copy
 import os
+import re
 import shlex
 import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
+from jsonschema.exceptions import ValidationError
+from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
+from snakemake.utils import validate
 
+EPS_LABEL = r"[0-9][0-9.]*(-[0-9]+)?"   # an eps as it appears in paths: "0.3", "8-255"
+
+
+# --------------------------------------------------------------------------------------------------
+# Config checks. Every key is checked here, while Snakemake parses the workflow: a bad value stops it
+# before any job starts and before anything is written, with one line naming the key. The jobs' own
+# checks (the gmr CLI) would catch most of it too, but only after hours of other jobs.
+
+class ConfigError(ValueError):
+    """A bad config value: one line, "config key train.epochs: ..."."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"config key {key}: {problem}" if key else f"config: {problem}")
+
+
+def _key_path(parts) -> str:
+    """["experiments", "m", "eps", 0] -> "experiments.m.eps[0]"."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_problem(err: ValidationError) -> str:
+    """jsonschema's message without its dump of the schema: an unknown key lists the valid ones, any
+    other error says what the key holds (the first sentence of its description in the schema)."""
+    if err.validator == "additionalProperties" and err.validator_value is False:
+        valid = list(err.schema.get("properties", {}))
+        unknown = [k for k in err.instance if k not in valid]
+        return f"unknown key {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}"
+    about = " ".join(str(err.schema.get("description", "")).split()).split(". ")[0].rstrip(".")
+    return err.message + (f" ({about})" if about else "")
+
+
+def validate_config(config: dict) -> None:
+    """The schema: types, ranges, unknown keys; fills in the defaults."""
+    schema = os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+    try:
+        validate(config, schema)
+    except WorkflowError as err:  # Snakemake's message is the error plus a dump of the schema
+        cause = err.__context__
+        if not isinstance(cause, ValidationError):
+            raise
+        raise ConfigError(_key_path(cause.absolute_path), _schema_problem(cause)) from None
+
+
+def _option_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _as_job_sees(key: str, values: dict) -> dict:
+    """Option values as a job gets them: written on its command line (_option_text) and read back by the
+    gmr CLI with YAML, so the check sees what the job would ("2/255" stays text, "yes" becomes true)."""
+    out = {}
+    for name, value in values.items():
+        try:
+            out[name] = yaml.safe_load(_option_text(value))
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}.{name}", f"{value!r} cannot be read as a value") from None
+    return out
+
+
+def eps_value(eps) -> float:
+    """0.3 -> 0.3; "8/255" -> 0.0313725..."""
+    if isinstance(eps, str):
+        return float(Fraction(eps))
+    return float(eps)
+
+
+def eps_label(eps) -> str:
+    """The eps as it appears in paths: 0.3 -> "0.3", "8/255" -> "8-255"."""
+    if isinstance(eps, str):
+        return eps.replace("/", "-")
+    return format(float(eps), "g")
+
+
+def parse_eps(eps, key: str) -> tuple[str, float]:
+    """(path label, value) of one eps; the schema has checked its form, but a fraction can still
+    divide by zero or exceed 1, and a tiny number has no label that the {eps} wildcard matches."""
+    try:
+        value = eps_value(eps)
+    except ZeroDivisionError:
+        raise ConfigError(key, f"{eps!r} divides by zero") from None
+    except (TypeError, ValueError):
+        raise ConfigError(key, f'{eps!r} is not a number or a fraction like "8/255"') from None
+    if not 0 <= value <= 1:
+        raise ConfigError(key, f"{eps!r} = {value:g} is outside [0, 1] (Linf budget in pixel units)")
+    label = eps_label(eps)
+    if not re.fullmatch(EPS_LABEL, label):
+        raise ConfigError(key, f"{eps!r} gives no folder name (eps{label}); write it as a fraction")
+    return label, value
+
+
+def _eps_labels(name: str, eps_list: list) -> dict[str, float]:
+    """label -> value of an experiment's eps. The same budget written twice (0.3 and "3/10") would
+    train the same runs into two folders, so it is refused."""
+    labels, written = {}, {}
+    for i, eps in enumerate(eps_list):
+        label, value = parse_eps(eps, f"experiments.{name}.eps[{i}]")
+        if value in written:
+            raise ConfigError(f"experiments.{name}.eps", f"{written[value]!r} and {eps!r} are the same "
+                                                         "budget; list it once")
+        if label in labels:
+            raise ConfigError(f"experiments.{name}.eps", f"{eps!r} and another value both make the folder "
+                                                         f"eps{label}; write them as fractions")
+        labels[label], written[value] = value, eps
+    return labels
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Key-by-key override, one level deep for mappings (e.g. evaluate.autoattack)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _experiments(config: dict, raw: dict) -> dict:
+    """Each experiment with the global train/method_options/evaluate/diagnose sections merged under
+    its own overrides (taken from the config as written, before the schema filled in defaults)."""
+    out = {}
+    for name, exp in config["experiments"].items():
+        own = raw["experiments"][name]
+        methods = list(exp["methods"])
+        options = {m: {**config["method_options"].get(m, {}), **own.get("method_options", {}).get(m, {})}
+                   for m in methods}
+        out[name] = dict(
+            dataset=exp["dataset"], model=exp["model"], methods=methods, seeds=list(exp["seeds"]),
+            eps=_eps_labels(name, exp["eps"]),
+            train={**config["train"], **own.get("train", {})},
+            method_options=options,
+            evaluate=_merge(config["evaluate"], own.get("evaluate", {})),
+            diagnose=_merge(config["diagnose"], own.get("diagnose", {})),
+        )
+    return out
+
+
+def _own(raw: dict, name: str, *keys):
+    """The value experiment `name` sets itself at keys; None where it inherits the global one."""
+    node = raw["experiments"][name]
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _where(raw: dict, name: str, *keys) -> str:
+    """The config key a merged value of an experiment comes from: its own, else the global one."""
+    path = ".".join(keys)
+    return f"experiments.{name}.{path}" if _own(raw, name, *keys) is not None else path
+
+
+def _known(key: str, kind: str, names, valid) -> None:
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(key, f"unknown {kind} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+
+
+def _untrained(key: str, kind: str, names, trained, scope: str) -> None:
+    """Names a section picks that no run has: they would be dropped silently (a typo would skip an
+    audit or an option), so they are refused."""
+    missing = [n for n in names if n not in trained]
+    if missing:
+        kinds, verb = (kind, "is") if len(missing) == 1 else (kind + "s", "are")
+        raise ConfigError(key, f"{kinds} {', '.join(map(str, missing))} {verb} not trained by {scope} "
+                               f"({kind}s trained: {', '.join(map(str, trained))})")
+
+
+def _check_selections(experiments: dict, raw: dict) -> None:
+    """diagnose and evaluate.autoattack pick among the trained methods and seeds, and method_options
+    names trained methods. A global section is checked against all experiments, an experiment's own
+    section against its runs."""
+    every = {"methods": sorted({m for e in experiments.values() for m in e["methods"]}),
+             "seeds": sorted({s for e in experiments.values() for s in e["seeds"]})}
+    _untrained("method_options", "method", config["method_options"], every["methods"], "any experiment")
+    for name, exp in experiments.items():
+        _untrained(f"experiments.{name}.method_options", "method", _own(raw, name, "method_options") or {},
+                   exp["methods"], f"experiment {name}")
+    for method, baselines in (config.get("report") or {}).get("comparisons", {}).items():
+        _untrained("report.comparisons", "method", [method, *baselines], every["methods"], "any experiment")
+    for path, section in (("diagnose", config["diagnose"]), ("evaluate.autoattack", config["evaluate"]["autoattack"])):
+        _check_picks(path, section, every, "any experiment")
+        for name, exp in experiments.items():
+            own = _own(raw, name, *path.split(".")) or {}
+            _check_picks(f"experiments.{name}.{path}", own, exp, f"experiment {name}")
+
+
+def _check_picks(key: str, section: dict, trained: dict, scope: str) -> None:
+    for field, kind in (("methods", "method"), ("seeds", "seed")):
+        if section.get(field) is not None:
+            _untrained(f"{key}.{field}", kind, section[field], trained[field], scope)
+
+
+def _gmr_importable() -> bool:
+    try:
+        import gmr.data, gmr.evaluate, gmr.methods, gmr.models, gmr.options  # noqa: F401
+    except ImportError as err:  # gmr lives in another environment: the jobs' CLI checks the rest
+        logger.warning(f"gmr is not importable here ({err}); names and options are checked when the jobs start")
+        return False
+    return True
+
+
+def _check_names(experiments: dict, raw: dict) -> None:
+    """Datasets, models, methods and attacks against gmr's registries."""
+    from gmr.data import list_datasets
+    from gmr.evaluate import list_attacks
+    from gmr.methods import METHODS
+    from gmr.models import MODELS
+
+    for name, exp in experiments.items():
+        _known(f"experiments.{name}.dataset", "dataset", [exp["dataset"]], list_datasets())
+        _known(f"experiments.{name}.model", "model", [exp["model"]], MODELS.names())
+        _known(f"experiments.{name}.methods", "method", exp["methods"], METHODS.names())
+        _known(_where(raw, name, "evaluate", "attacks"), "attack", exp["evaluate"]["attacks"], list_attacks())
+
+
+def _check_method_options(experiments: dict) -> None:
+    """Each trained method's options through gmr.methods.make_options, as `gmr train --opt` builds them:
+    the global ones alone first (so an error there names the global key), then each experiment's
+    merged ones, for the dataset of each experiment (its defaults differ by dataset)."""
+    from gmr.methods import make_options
+
+    for name, exp in experiments.items():
+        for method in exp["methods"]:
+            for key, values in ((f"method_options.{method}", config["method_options"].get(method, {})),
+                                (f"experiments.{name}.method_options.{method}", exp["method_options"][method])):
+                try:
+                    make_options(method, exp["dataset"], _as_job_sees(key, values))
+                except ValueError as err:
+                    raise ConfigError(key, str(err)) from None
+
+
+def _check_attack_params(experiments: dict, raw: dict) -> None:
+    """Each attack's parameters as `gmr evaluate --param` checks them: EvalConfig._check_attacks calls
+    this same convert_values (EvalConfig.validate itself needs a trained run). Parameters of an attack
+    that takes none would be dropped silently, so they are refused."""
+    from gmr.evaluate import attack_params_type, whitebox_attacks
+    from gmr.options import convert_values
+
+    sections = [("evaluate.attack_params", config["evaluate"]["attack_params"])]
+    sections += [(f"experiments.{name}.evaluate.attack_params", _own(raw, name, "evaluate", "attack_params") or {})
+                 for name in experiments]
+    for section, params in sections:
+        _known(section, "attack with parameters", list(params), whitebox_attacks())
+        for attack, values in params.items():
+            key = f"{section}.{attack}"
+            try:
+                convert_values(attack_params_type(attack), _as_job_sees(key, values), kind="parameter",
+                               owner="attack", scope=attack)
+            except ValueError as err:
+                raise ConfigError(key, str(err)) from None
+
+
+def _check_sizes(experiments: dict, raw: dict) -> None:
+    """Sizes a job would refuse for its dataset: more test points than the test set (gmr evaluate), a
+    validation split that leaves no training data (gmr train)."""
+    from gmr.data import DataSpec, dataset_info
+
+    for name, exp in experiments.items():
+        info, ev = dataset_info(exp["dataset"]), exp["evaluate"]
+        for keys, n in ((("evaluate", "n_test"), ev["n_test"]),
+                        (("evaluate", "autoattack", "n_test"), ev["autoattack"]["n_test"])):
+            if n > info.test_size:
+                raise ConfigError(_where(raw, name, *keys), f"{n} is more than the {info.test_size} test "
+                                                            f"points of {exp['dataset']} (experiment {name})")
+        try:
+            DataSpec(exp["dataset"], val_size=exp["train"].get("val_size")).validate()
+        except ValueError as err:
+            raise ConfigError(_where(raw, name, "train", "val_size"), str(err)) from None
+
+
+def check_config(config: dict, raw: dict) -> dict:
+    """Every key of the config; returns the experiments with their merged sections."""
+    validate_config(config)
+    experiments = _experiments(config, raw)
+    gmr_checks = _gmr_importable()
+    if gmr_checks:
+        _check_names(experiments, raw)
+    _check_selections(experiments, raw)
+    if gmr_checks:
+        _check_method_options(experiments)
+        _check_attack_params(experiments, raw)
+        _check_sizes(experiments, raw)
+    return experiments
+
+
+EXPERIMENTS = check_config(config, RAW_CONFIG)
+DATASETS = sorted({exp["dataset"] for exp in EXPERIMENTS.values()})
 R = config["results"].rstrip("/")
 
 wildcard_constraints:
     exp=r"[A-Za-z0-9][A-Za-z0-9_-]*",
     method=r"[a-z0-9_]+",
-    eps=r"[0-9][0-9.]*(-[0-9]+)?",
+    eps=EPS_LABEL,
     seed=r"[0-9]+",
     ckpt=r"best|last",
     dataset=r"[a-z0-9_]+",
@@ -41,31 +341,6 @@ def _gmr_command() -> str:
 GMR = _gmr_command()
 
 
-def eps_value(eps) -> float:
-    """0.3 -> 0.3; "8/255" -> 0.0313725..."""
-    if isinstance(eps, str):
-        return float(Fraction(eps))
-    return float(eps)
-
-
-def eps_label(eps) -> str:
-    """The eps as it appears in paths: 0.3 -> "0.3", "8/255" -> "8-255"."""
-    if isinstance(eps, str):
-        return eps.replace("/", "-")
-    return format(float(eps), "g")
-
-
-def _merge(base: dict, override: dict) -> dict:
-    """Key-by-key override, one level deep for mappings (e.g. evaluate.autoattack)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 class Run(NamedTuple):
     exp: str
     method: str
@@ -77,69 +352,11 @@ class Run(NamedTuple):
         return dict(exp=self.exp, method=self.method, eps=self.eps, seed=self.seed)
 
 
-def _experiments(config: dict, raw: dict) -> dict:
-    """Each experiment with the global train/method_options/evaluate/diagnose sections merged under
-    its own overrides (taken from the config as written, before the schema filled in defaults)."""
-    out = {}
-    for name, exp in config["experiments"].items():
-        own = raw["experiments"][name]
-        methods = list(exp["methods"])
-        options = {m: {**config["method_options"].get(m, {}), **own.get("method_options", {}).get(m, {})}
-                   for m in methods}
-        labels = {}
-        for e in exp["eps"]:
-            label = eps_label(e)
-            if label in labels:
-                raise ValueError(f"experiment {name}: eps {e} is listed twice")
-            labels[label] = eps_value(e)
-        out[name] = dict(
-            dataset=exp["dataset"], model=exp["model"], methods=methods, seeds=list(exp["seeds"]),
-            eps=labels,
-            train={**config["train"], **own.get("train", {})},
-            method_options=options,
-            evaluate=_merge(config["evaluate"], own.get("evaluate", {})),
-            diagnose=_merge(config["diagnose"], own.get("diagnose", {})),
-        )
-    return out
-
-
-def _check_names(experiments: dict) -> None:
-    """Unknown datasets, models, methods and attacks fail here, before any job starts."""
-    try:
-        from gmr.data import list_datasets
-        from gmr.evaluate import list_attacks
-        from gmr.methods import METHODS
-        from gmr.models import MODELS
-    except ImportError as err:  # gmr lives in another environment: the jobs' CLI checks the names
-        logger.warning(f"gmr is not importable here ({err}); names are checked when the jobs start")
-        return
-    valid_attacks = list_attacks() + ["autoattack"]
-    for name, exp in experiments.items():
-        problems = []
-        if exp["dataset"] not in list_datasets():
-            problems.append(f"dataset {exp['dataset']!r} (valid: {', '.join(list_datasets())})")
-        if exp["model"] not in MODELS.names():
-            problems.append(f"model {exp['model']!r} (valid: {', '.join(MODELS.names())})")
-        for m in exp["methods"]:
-            if m not in METHODS.names():
-                problems.append(f"method {m!r} (valid: {', '.join(METHODS.names())})")
-        for a in exp["evaluate"]["attacks"]:
-            if a not in valid_attacks:
-                problems.append(f"attack {a!r} (valid: {', '.join(valid_attacks)})")
-        if problems:
-            raise ValueError(f"config, experiment {name}: unknown " + "; unknown ".join(problems))
-
-
-EXPERIMENTS = _experiments(config, RAW_CONFIG)
-_check_names(EXPERIMENTS)
-DATASETS = sorted({exp["dataset"] for exp in EXPERIMENTS.values()})
-
 RUN_DIR = R + "/runs/{exp}/{method}/eps{eps}/seed{seed}"
 EVAL_DIR = R + "/eval/{exp}/{method}/eps{eps}/seed{seed}"
 DIAG_DIR = R + "/diagnostics/{exp}/{method}/eps{eps}/seed{seed}"
 LOG = R + "/logs/{rule}/{exp}/{method}/eps{eps}/seed{seed}"
 BENCH = R + "/benchmarks/{rule}/{exp}/{method}/eps{eps}/seed{seed}"
-
 
 def all_runs() -> list[Run]:
     return [Run(name, method, label, seed)
@@ -209,12 +426,6 @@ def job_resources(rule_name: str) -> dict:
 def n_test_arg(n: int) -> str:
     """The config's 0 (white-box) or -1 (AutoAttack) mean the whole test set."""
     return "--n-test all" if n in (0, -1) else f"--n-test {n}"
-
-
-def _option_text(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def train_args(wildcards) -> str:

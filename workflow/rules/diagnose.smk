@@ -18,7 +18,8 @@ def _diagnose_inputs(wc):
 
 def _diagnose_args(wc, input) -> str:
     d = experiment(wc)["diagnose"]
-    args = ["--checkpoint", d["checkpoint"], "--n-test", str(d["n_test"]), "--device", config["device"]]
+    args = ["--checkpoint", d["checkpoint"], "--n-test", str(d["n_test"]), "--seed", str(d["seed"]),
+            "--device", config["device"]]
     if d["n_curve"]:
         args += ["--n-curve", str(d["n_curve"])]
     if d["quick"]:

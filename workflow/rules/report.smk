@@ -3,8 +3,12 @@
 # The tables are the ones registered in gmr/report/tables.py (a new registered table is a new output
 # here, with no edit). `gmr tables` writes each in every format of gmr/report/render.py, among them
 # NAME.rst: the table's registered title and caption, which the report shows beside NAME.html.
+# The tables read each evaluation's per-example .npz (intervals, paired comparisons), so those are inputs
+# too; the comparisons table compares the pairs of the config's `report: comparisons:` (see
+# _comparisons_arg).
 
 from gmr.report.render import FORMATS as TABLE_FORMATS
+from gmr.report.comparisons import pair_specs
 from gmr.report.tables import table_names as registered_table_names
 
 
@@ -39,10 +43,23 @@ def _quoted(files) -> str:
     return " ".join(shlex.quote(f) for f in files)
 
 
+def _per_example_files() -> list[str]:
+    # the .npz beside each evaluation (same stem): the tables' intervals and comparisons read them
+    return [os.path.splitext(f)[0] + ".npz" for f in all_evaluations()]
+
+
+def _comparisons_arg() -> str:
+    # config `report: comparisons:` maps a method to its baselines, e.g. {gmr: [fgsm, rfgsm, pgd]};
+    # absent: `gmr tables` compares GMR with FGSM-AT, R-FGSM-AT and PGD-AT where present
+    pairs = pair_specs((config.get("report") or {}).get("comparisons"))
+    return ("--comparisons " + _quoted(pairs)) if pairs else ""
+
+
 rule tables:
     input:
         runs=all_run_jsons(),
         evals=all_evaluations(),
+        per_example=_per_example_files(),
         audits=all_audits(),
     output:
         **_table_outputs(),
@@ -53,12 +70,13 @@ rule tables:
         evals=lambda wc, input: _quoted(input.evals),
         audits=lambda wc, input: ("--audits " + _quoted(input.audits)) if input.audits else "",
         out=R + "/tables",
+        comparisons=_comparisons_arg(),
     threads: resources("summary")["threads"]
     resources:
         **job_resources("summary"),
     shell:
-        "{GMR} tables --runs {params.runs} --evals {params.evals} {params.audits} --out {params.out:q} "
-        "> {log:q} 2>&1"
+        "{GMR} tables --runs {params.runs} --evals {params.evals} {params.audits} {params.comparisons} "
+        "--out {params.out:q} > {log:q} 2>&1"
 
 
 rule plots:
