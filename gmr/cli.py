@@ -19,6 +19,14 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in one line on stderr (exit code 2), like every other error of `gmr`:
+    argparse prints the whole usage first, which buries the one line that says what is wrong."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -29,17 +37,24 @@ def _key_values(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise UsageError(f"--opt needs KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"--opt {item!r}: cannot read the value {value!r}") from None
     return out
 
 
 def _load_yaml(path: str | None) -> dict[str, Any]:
-    if not path:
+    if path is None:
         return {}
+    if not path.strip():
+        raise UsageError("--config is empty; give a YAML file")
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"config file {path} cannot be read: {getattr(err, 'strerror', None) or err}") from None
     except yaml.YAMLError as err:
         raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -86,6 +101,7 @@ def _add_train(sub) -> None:
 
 def _cmd_train(args) -> int:
     from .io import ensure_writable_dir
+    from .runs import run_warnings
     from .train import TrainConfig, train
 
     values = _load_yaml(args.config)
@@ -104,6 +120,8 @@ def _cmd_train(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     result = train(cfg, args.out, progress=not args.no_progress)
+    for warning in run_warnings(result):  # also in run.json and the tables
+        print(f"gmr train: warning: {args.out}: {warning}", file=sys.stderr)
     best, last = result["metrics"]["best"], result["metrics"]["last"]
     print(f"{args.out}: best epoch {result['selection']['best_epoch']} "
           f"(val clean {best['val_clean']:.3f}, fgsm {best['val_fgsm']:.3f}, pgd {best['val_pgd']:.3f}); "
@@ -177,14 +195,18 @@ def _eval_config(args):
 
     n_test = args.n_test.strip().lower()
     try:
-        n = None if n_test in ("all", "0", "-1") else int(n_test)
+        n = None if n_test == "all" else int(n_test)
     except ValueError:
-        raise UsageError(f"--n-test must be a positive integer or all, got {args.n_test!r}") from None
+        n = 0
+    if n is not None and n < 1:  # 0 points is no evaluation; `all` asks for the whole test set
+        raise UsageError(f"--n-test must be a positive integer or all, got {args.n_test!r}")
     try:
         eps_list = [float(e) for e in args.eps_list or []]
     except ValueError:
         raise UsageError(f"--eps-list must be comma-separated numbers, got {','.join(args.eps_list)!r}") from None
     out = Path(args.out)
+    if not args.out.strip() or not out.name:
+        raise UsageError(f"--out must be the path of the result's .json file, got {args.out!r}")
     return _build(EvalConfig, dict(
         run=args.run, attacks=args.attacks, n_test=n, checkpoint=args.checkpoint, eps=args.eps,
         eps_list=eps_list, batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -200,7 +222,7 @@ def _cmd_evaluate(args) -> int:
     cfg = _eval_config(args)
     try:  # everything the input can get wrong, before any work (a damaged model file: RunError, exit 2)
         cfg.validate()
-        out = check_outputs(cfg, args.out, args.card)
+        out = check_outputs(cfg, args.out, args.card, args.reuse_from)
     except ValueError as err:
         raise UsageError(" ".join(str(err).split())) from None  # one line, whatever the cause says
     say = None if args.quiet else (lambda text: print(f"  {text}", flush=True))
@@ -341,10 +363,13 @@ def _cmd_diagnose(args) -> int:
                          eval_json=args.eval_json, transfer_from=args.transfer_from, seed=args.seed,
                          device=args.device, data_root=args.data_root, threads=args.threads,
                          settings=settings)
+    if args.audit_only and not Path(args.out).is_dir():
+        raise UsageError(f"--audit-only rebuilds the audit in the folder of an earlier `gmr diagnose`; "
+                         f"--out {args.out} is not a folder")
     try:
         audit = write_audit(cfg, args.out, audit_only=args.audit_only)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(" ".join(str(err).split())) from None
     s, v = audit["summary"], audit["verdict"]
     print(f"{args.run} ({args.checkpoint}, n={audit['n_examples']}): clean {s['clean_accuracy']:.3f}, "
           f"fgsm {s['fgsm_accuracy']:.3f}, pgd {s['pgd_accuracy']:.3f}, alignment {s['gradient_alignment']:.3f}; "
@@ -379,7 +404,7 @@ SUBCOMMANDS: list[Callable] = [_add_train, _add_evaluate, _add_listings, _add_di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gmr", description="gmr-bench: fast adversarial training suite")
+    parser = OneLineParser(prog="gmr", description="gmr-bench: fast adversarial training suite")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)

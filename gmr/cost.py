@@ -1,7 +1,9 @@
 """The cost ledger: forward/backward passes counted by hooks, synchronised timers, memory, device facts."""
 from __future__ import annotations
 
+import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -77,13 +79,35 @@ class Stopwatch:
         self._start = None
 
 
+DEVICES = "auto, cpu, cuda, cuda:N (N: the index of a GPU)"
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device of a --device value, or a ValueError of one line before any work.
+
+    Only cpu and CUDA devices are accepted: the timers, the peak-memory figures and the device facts
+    of every record know those two; torch's other device names (mps, meta, ...) are refused here rather
+    than failing inside a training step."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"unknown device {name!r}; valid devices: {DEVICES}")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu or auto")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {name!r} asked for, but this machine has {count} CUDA device(s) "
+                         f"(cuda:0 to cuda:{count - 1})")
     return device
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse more torch CPU threads than the machine has CPUs (a ValueError of one line): torch starts
+    every one of them, and beyond the CPUs they only slow it down (or exhaust the process limit)."""
+    cpus = os.cpu_count() or 1
+    if threads is not None and threads > cpus:
+        raise ValueError(f"threads must be at most the {cpus} CPUs of this machine, got {threads}")
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -41,10 +41,10 @@ import torch
 
 from . import attacks
 from . import autoattack_adapter as aa
-from .cost import device_facts, pick_device
+from .cost import check_threads, device_facts, pick_device
 from .data import DataSpec, Split, dataset_info, load_split
-from .io import atomic_path, ensure_writable_file, read_json, write_json
-from .options import NonNegativeFloat, PositiveFloat, PositiveInt, check, convert_values, field_types
+from .io import atomic_path, check_folder_path, check_writable_file, ensure_writable_file, read_json, write_json
+from .options import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check, convert_values, field_types
 from .runs import RunDir
 from .stats import CONFIDENCE, INTERVAL_METHOD, accuracy_interval
 
@@ -135,7 +135,7 @@ class EvalConfig:
     eps: float | None = None            # None: the eps the run was trained with (Linf)
     eps_list: list[float] = field(default_factory=list)   # extra budgets for every attack asked for
     batch_size: PositiveInt = 500
-    seed: int = 0                       # every attack is seeded with it on its own
+    seed: Seed = 0                      # every attack is seeded with it on its own
     device: str = "auto"
     data_root: str | None = None        # None: the run's own data root
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"pgd": {"steps": 200}}
@@ -154,6 +154,9 @@ class EvalConfig:
         """Check everything before any work starts (the models are not loaded: `evaluate` loads each
         once); return the run's run.json. Raises ValueError."""
         check(self)
+        for what, path in (("--run", self.run), ("--transfer-from", self.transfer_from)):
+            if path is not None and not path.strip():
+                raise ValueError(f"{what} is empty; give a run directory")
         self._check_attacks()
         if self.eps is not None:
             self._check_eps(self.eps, "eps")
@@ -170,7 +173,10 @@ class EvalConfig:
         n_total = dataset_info(dataset).test_size
         if self.n_test is not None and self.n_test > n_total:
             raise ValueError(f"n_test {self.n_test} is larger than the {n_total} test points of {dataset}")
+        if self.data_root is not None:
+            check_folder_path(self.data_root, "--data-root")
         pick_device(self.device)
+        check_threads(self.threads)
         return meta
 
     def _check_eps(self, eps: float, what: str) -> None:
@@ -194,10 +200,9 @@ class EvalConfig:
                 raise ValueError(f"--attack-param for unknown attack {name!r}; attacks with parameters: "
                                  f"{', '.join(whitebox_attacks())}")
             convert_values(attack_params_type(name), params, kind="parameter", owner="attack", scope=name)
-        if self.transfer_from is not None:
-            for name in self.transfer_attacks:
-                if name not in whitebox_attacks():
-                    raise ValueError(f"unknown transfer attack {name!r}; valid: {', '.join(whitebox_attacks())}")
+        for name in self.transfer_attacks:  # checked even without --transfer-from: a typo is a typo
+            if name not in whitebox_attacks():
+                raise ValueError(f"unknown transfer attack {name!r}; valid: {', '.join(whitebox_attacks())}")
 
     def _check_autoattack(self) -> None:
         if self.aa_norm == "L2":
@@ -420,13 +425,27 @@ def _evaluate(cfg: EvalConfig, meta: dict, say: Callable[[str], None]) -> tuple[
 # --------------------------------------------------------------------------------------------------
 # Files: the record, its per-example arrays, the model card; reuse of an evaluation of the same weights
 
-def check_outputs(cfg: EvalConfig, out: str | Path, card: str | Path | None = None) -> Path:
-    """Raise ValueError when the result (or the card) cannot be written; return the result path."""
-    out = ensure_writable_file(out)
+def check_outputs(cfg: EvalConfig, out: str | Path, card: str | Path | None = None,
+                  reuse_from: str | Path | None = None) -> Path:
+    """Raise ValueError when the result (or the card) cannot be written, creating nothing until every
+    check has passed; then create their folders and return the result path.
+
+    The result must be a .json file: its per-example arrays go to the .npz of the same stem, which an
+    --out ending in .npz would be itself. `reuse_from` (when given) must be a file or not exist yet."""
+    out = check_writable_file(out)
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"--out must be a .json file (its per-example .npz is written beside it), got {out}")
     if card is not None:
-        ensure_writable_file(card)
+        card = check_writable_file(card, "--card")
+        if card.resolve() in (out.resolve(), out.with_suffix(".npz").resolve()):
+            raise ValueError(f"--card {card} would overwrite the result {out} or its .npz; give another file")
         if AUTOATTACK not in cfg.attacks:
             raise ValueError("--card needs autoattack in --attacks (a RobustBench card reports AutoAttack accuracy)")
+    if reuse_from is not None and (not str(reuse_from).strip() or Path(reuse_from).is_dir()):
+        raise ValueError(f"--reuse-from {str(reuse_from)!r} is not a file; give the evaluation JSON file to copy")
+    for path, what in ((out, "--out"), (card, "--card")):
+        if path is not None:
+            ensure_writable_file(path, what)
     return out
 
 

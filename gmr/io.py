@@ -137,33 +137,70 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create `path` (a folder) or raise a ValueError naming why it cannot be written."""
-    path = Path(path)
+def _given_path(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path; an empty one is refused (Path("") is ".", the working directory, which nobody
+    means by an empty option)."""
+    if not os.fspath(path).strip():
+        raise ValueError(f"{what} is empty; give a path")
+    return Path(path)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return parent
+    return Path(".")
+
+
+def check_folder_path(path: str | os.PathLike, what: str = "--out") -> Path:
+    """A folder that exists or can be created, checked without creating anything (a ValueError of one
+    line otherwise): not empty, not a file, and under a writable folder when it is still to be made."""
+    path = _given_path(path, what)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} exists and is not a folder; give a folder path")
+        raise ValueError(f"{what} {path} exists and is not a folder; give a folder path")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ValueError(f"{what} {path}: {base} is a file, not a folder; choose another path")
+    if base != path and not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {what} {path}: {base} is not writable; choose another path")
+    return path
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Create `path` (a folder) or raise a ValueError naming why it cannot be written (nothing is
+    created when the path itself is wrong)."""
+    path = check_folder_path(path, what)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"  # per process: two commands may probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ValueError(f"cannot write to {path}: {err.strerror}; choose another --out") from None
+        raise ValueError(f"cannot write to {path}: {err.strerror}; choose another {what}") from None
     return path
 
 
-def ensure_writable_file(path: str | os.PathLike) -> Path:
-    """Check that a file can be created at `path` without creating it; raise a ValueError otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; give a file path")
-    parent = path.parent
+def check_writable_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Check that a file can be created at `path`, creating nothing (not even its folder); raise a
+    ValueError of one line otherwise."""
+    path = _given_path(path, what)
+    if path.is_dir() or not path.name or path.name in (".", ".."):
+        raise ValueError(f"{what} {path} is a folder; give a file path")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise ValueError(f"{what} {path}: {base} is a file, not a folder; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {base}; choose another {what}")
+    return path
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """`check_writable_file`, then create the file's folder (the file itself is not created)."""
+    path = check_writable_file(path, what)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"cannot create folder {parent}: {err.strerror}; choose another --out") from None
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write to {parent}; choose another --out")
+        raise ValueError(f"cannot create folder {path.parent}: {err.strerror}; choose another {what}") from None
     return path
 
 

@@ -5,9 +5,9 @@ instance built in code).
 The field annotations are the specification: `int`, `float`, `bool`, `str`, `X | None`, `list[X]`,
 `tuple[X, ...]`, `dict[K, V]`, `Literal[...]` (a closed set of choices), `Any`, a class (isinstance),
 and `Annotated[X, Bound(...)]` for a number with bounds (`PositiveInt`, `PositiveFloat`,
-`NonNegativeFloat`, `Fraction`). A mapping with an unknown key, or a value of the wrong type, raises a ValueError
-of one line that names the option and lists the valid keys, so a typo in a YAML file, an `--opt` or an
-`--attack-param` stops before any work.
+`NonNegativeFloat`, `Fraction`, `Seed`). A mapping with an unknown key, or a value of the wrong type,
+raises a ValueError of one line that names the option and lists the valid keys, so a typo in a YAML
+file, an `--opt` or an `--attack-param` stops before any work.
 
 `bool` and `int` are kept apart (`true` is not an epoch count, `1` is not a switch); an `int` is
 accepted where a `float` is expected and stored as a float. With `strings=True` (values typed on a
@@ -46,14 +46,22 @@ class Bound:
         return math.isfinite(value) and above and (self.high is None or value <= self.high)
 
     def text(self) -> str:
-        low = f"{'>' if self.strict else '>='} {self.low:g}"
-        return low if self.high is None else f"{low} and <= {self.high:g}"
+        low = f"{'>' if self.strict else '>='} {_number(self.low)}"
+        return low if self.high is None else f"{low} and <= {_number(self.high)}"
+
+
+def _number(value: float) -> str:
+    """A bound as a reader writes it: 2147483647 rather than 2.14748e+09."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 PositiveInt = Annotated[int, Bound(1)]
 PositiveFloat = Annotated[float, Bound(0, strict=True)]
 NonNegativeFloat = Annotated[float, Bound(0)]
 Fraction = Annotated[float, Bound(0, high=1)]
+# A seed of torch generators: >= 0 (as the workflow config asks) and within 31 bits, so that the
+# seeds derived from it (per epoch, per probe) still fit torch's 64-bit generator seed.
+Seed = Annotated[int, Bound(0, high=2**31 - 1)]
 
 
 class _Mismatch(Exception):

@@ -49,6 +49,9 @@ LOG_COLUMNS = ("epoch", "val_clean", "val_fgsm", "val_ifgsm3", "val_pgd")
 # The rule of the training-log detector (Wong et al. 2020); see catastrophic_overfitting_epoch.
 CO_PGD_DROP = 0.2
 CO_FGSM_SLACK = 0.1
+# A final training accuracy at most this many times chance (1 / classes) counts as "at chance": such a
+# model learned nothing, and its robust accuracy says nothing about the method (see run_warnings).
+CHANCE_FACTOR = 1.5
 
 
 class RunError(ValueError):
@@ -201,6 +204,8 @@ class RunDir:
         return ckpt
 
     def write_record(self, record: dict) -> None:
+        """Write run.json, with its `warnings` (run_warnings) added to `record`, after checking it."""
+        record["warnings"] = run_warnings(record)
         validate_record(record)
         write_json(self.record_file, record)
 
@@ -208,6 +213,29 @@ class RunDir:
         weights = {"state_dict": model.state_dict(), "epoch": epoch, "model": model_name, "dataset": dataset}
         for name in names:
             torch_save(self.epoch_file(epoch) if name == "epoch" else self.model_file(name), weights)
+
+
+def run_warnings(record: dict) -> list[str]:
+    """What a reader of a finished run must know that its numbers do not say: today, a final training
+    accuracy at chance (at most CHANCE_FACTOR / number of classes), e.g. a run whose loss blew up to
+    large but finite values. Such a model's robust accuracy measures nothing, yet the run is complete.
+    Computed from the record, so the tables warn about runs written before run.json had `warnings`."""
+    from .data import dataset_info
+    from .registry import UnknownNameError
+
+    last = record.get("metrics", {}).get("last", {})
+    acc = last.get("train_acc")
+    try:
+        classes = dataset_info(record["config"]["dataset"]).num_classes
+    except (KeyError, UnknownNameError):
+        return []
+    if not isinstance(acc, (int, float)) or acc > CHANCE_FACTOR / classes:
+        return []
+    loss = last.get("train_loss")
+    loss_text = f", training loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
+    return [f"training accuracy at chance: {acc:.3f} in the last epoch ({last.get('epoch')}{loss_text}; chance "
+            f"is {1 / classes:.3f} for {classes} classes): the model learned nothing and its robust accuracy "
+            "says nothing; lower --lr or check the method's options"]
 
 
 def validate_record(record: Any) -> None:

@@ -29,14 +29,14 @@ import torch
 from tqdm import tqdm
 
 from . import attacks
-from .cost import PassCounter, Stopwatch, device_facts, peak_memory_mb, pick_device
+from .cost import PassCounter, Stopwatch, check_threads, device_facts, peak_memory_mb, pick_device
 from .data import BatchIterator, DataSpec, Split, dataset_info, list_datasets, load_split
-from .io import remove_stale_temps, torch_save
+from .io import check_folder_path, remove_stale_temps, torch_save
 from .locks import lock_folder
 from .masking.probes import fgsm_rfgsm_logit_distance, gradient_alignment
 from .methods import METHODS, make_options, method_cost
 from .models import MODELS, create_model
-from .options import NonNegativeFloat, PositiveFloat, PositiveInt, check
+from .options import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check
 from .runs import RUN_FILES, RUN_SCHEMA, RunDir, RunError, load_weights, new_run_id, weights_digest, write_train_log
 
 SCHEDULES = ("step", "onecycle", "constant")
@@ -64,11 +64,11 @@ class TrainConfig:
     momentum: NonNegativeFloat = 0.9
     weight_decay: NonNegativeFloat = 5e-4
     schedule: str = "step"              # step: lr / 5, 25, 125 at 1/4, 1/2, 3/4 (paper); onecycle; constant
-    seed: int = 0                       # training randomness (init, shuffling, attack noise)
+    seed: Seed = 0                      # training randomness (init, shuffling, attack noise)
     method_options: dict[str, Any] = field(default_factory=dict)
     data_root: str = "data"
     val_size: int | None = None         # None: MNIST 50k/10k, CIFAR 40k/10k (paper)
-    split_seed: int = 0                 # one train/val split shared by all seeds
+    split_seed: Seed = 0                # one train/val split shared by all seeds
     n_train: int | None = None          # None: the whole training split
     n_val: int | None = 1000            # validation examples probed each epoch
     probe_pgd_steps: PositiveInt | None = None  # None: PROBE_PGD_STEPS of the dataset's family
@@ -94,9 +94,24 @@ class TrainConfig:
             raise ValueError(f"eps must be in [0, 1] (pixel units; 8/255 = {8 / 255:.4f}), got {eps}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        check_folder_path(self.data_root, "data_root")
         self.data_spec().validate()
+        self._check_sizes()
         make_options(self.method, self.dataset, self.method_options)
         pick_device(self.device)
+        check_threads(self.threads)
+
+    def _check_sizes(self) -> None:
+        """n_train and n_val within the split the dataset has, from its facts (no data is loaded): a
+        larger one would fail only after the run folder was made."""
+        info = dataset_info(self.dataset)
+        val = self.val_size if self.val_size is not None else info.default_val_size
+        if self.n_train is not None and self.n_train > info.train_pool - val:
+            raise ValueError(f"n_train {self.n_train} is larger than the {info.train_pool - val} training examples "
+                             f"of {self.dataset} ({info.train_pool} less {val} for validation)")
+        if self.n_val is not None and self.n_val > val:
+            raise ValueError(f"n_val {self.n_val} is larger than the {val} validation examples of {self.dataset} "
+                             "(val_size)")
 
     def data_spec(self) -> DataSpec:
         return DataSpec(self.dataset, Path(self.data_root), self.val_size, self.split_seed,

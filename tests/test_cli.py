@@ -105,6 +105,15 @@ BAD = {
     "bad opt value": (["--opt", "clean_fraction=lots"], lambda m: "clean_fraction" in m),
     "bad schedule": (["--schedule", "cosine"], lambda m: "step" in m and "onecycle" in m),
     "zero threads": (["--threads", "0"], lambda m: "threads must be int >= 1" in m),
+    "nan lr": (["--lr", "nan"], lambda m: "lr must be float > 0" in m),
+    "negative momentum": (["--momentum=-0.9"], lambda m: "momentum must be float >= 0" in m),
+    "inf weight decay": (["--weight-decay", "inf"], lambda m: "weight_decay must be float >= 0" in m),
+    "n-train above the data": (["--n-train", "60000"], lambda m: "50000 training examples of mnist" in m),
+    "n-val above the data": (["--n-val", "10001"], lambda m: "10000 validation examples of mnist" in m),
+    "gpu device": (["--device", "gpu"], lambda m: "valid devices: auto, cpu, cuda, cuda:N" in m),
+    "negative seed": (["--seed=-1"], lambda m: "seed must be int >= 0" in m),
+    "more threads than CPUs": (["--threads", "100000"], lambda m: "threads must be at most the" in m),
+    "type error in argparse": (["--epochs", "two"], lambda m: "invalid int value: 'two'" in m),
 }
 
 
@@ -116,7 +125,11 @@ def test_bad_input_exits_2_with_one_line_before_work(case, tmp_path, mnist_root,
     monkeypatch.setattr(importlib.import_module("gmr.train"), "train",
                         lambda *a, **k: pytest.fail("training started on bad input"))
     out = tmp_path / "run"
-    assert main(tiny_args(mnist_root, out, *args)) == 2
+    try:
+        code = main(tiny_args(mnist_root, out, *args))
+    except SystemExit as stop:  # argparse's own errors (one line too)
+        code = stop.code
+    assert code == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err

@@ -1,6 +1,7 @@
 """gmr.report.tables and `gmr tables` on hand-made result files with known answers (no training).
 
-The helpers here write schema-valid run directories and records; tests/test_plots.py uses them too."""
+The helpers here write schema-valid run directories and records (checked as they are written, since the
+tables refuse records that do not follow their schemas); tests/test_plots.py uses them too."""
 from __future__ import annotations
 
 import hashlib
@@ -18,6 +19,8 @@ from gmr.cost import PassCount
 from gmr.report import comparisons, reference, tables
 from gmr.report.render import FORMATS
 from gmr.runs import validate_record
+from gmr.schemas import validate
+from gmr.stats import accuracy_interval
 
 CIFAR_EPS = 8 / 255
 
@@ -70,21 +73,46 @@ def make_eval(run: Path, checkpoint: str, accs: dict[str, float], n=500, name=No
     if correct is not None:
         accs = {a: float(np.mean(ok)) for a, ok in correct.items()}
         n = len(next(iter(correct.values())))
+    if correct is not None and "clean" not in correct:  # `gmr evaluate` always measures clean accuracy
+        correct = {"clean": np.logical_or.reduce(list(correct.values())), **correct}
+        accs = {"clean": float(np.mean(correct["clean"])), **accs}
+    elif "clean" not in accs:
+        accs = {"clean": max(accs.values(), default=1.0), **accs}
+    attacks = {a: _entry(a, v, n, 0.0 if a == "clean" else meta["eps"], steps,
+                         None if correct is None else correct[a], (ci or {}).get(a)) for a, v in accs.items()}
+    worst = min(accs.values(), default=0.0)
     rec = {"schema": "gmr.eval/1", "run": str(run), "run_id": meta["run_id"], "checkpoint": checkpoint,
+           "checkpoint_epoch": meta["selection"]["best_epoch" if checkpoint == "best" else "last_epoch"],
            "method": cfg["method"], "dataset": cfg["dataset"], "model": cfg["model"], "train_seed": cfg["seed"],
-           "n_examples": n, "eps": meta["eps"], "test_points": f"first {n} of the {cfg['dataset']} test set, in order",
-           "attacks": {a: {"accuracy": v, "n_examples": n, "eps": 0.0 if a == "clean" else meta["eps"],
-                           "params": {"steps": steps} if steps and a.startswith("pgd") else {}, "per_example": a}
-                       for a, v in accs.items()}}
-    for a, (low, high) in (ci or {}).items():
-        rec["attacks"][a].update(ci_low=low, ci_high=high)
+           "seed": 0, "n_examples": n, "eps": meta["eps"], "norm": "Linf", "confidence": 0.95,
+           "interval_method": "wilson", "test_points": f"first {n} of the {cfg['dataset']} test set, in order",
+           "attacks": attacks,
+           "worst_case": {"accuracy": worst, "ci_low": worst, "ci_high": worst, "n_correct": round(worst * n),
+                          "n_examples": n, "eps": meta["eps"], "over": list(accs) or ["clean"],
+                          "whitebox_accuracy": worst, "whitebox_ci_low": worst, "whitebox_ci_high": worst,
+                          "whitebox_over": list(accs)},
+           "transfer": {}, "eps_sweep": [], "versions": {"gmr": "0", "torch": "0", "pyautoattack": None},
+           "device": "cpu", "seconds": 1.0}
     if correct is not None:
-        for a, ok in correct.items():
-            rec["attacks"][a]["n_correct"] = int(np.sum(ok))
         np.savez_compressed(path.with_suffix(".npz"), **{a: np.asarray(ok, bool) for a, ok in correct.items()})
         rec["per_example_file"] = path.with_suffix(".npz").name
+    validate(rec, "eval")
     path.write_text(json.dumps(rec))
     return path
+
+
+def _entry(attack: str, acc: float, n: int, eps: float, steps, ok, ci) -> dict:
+    """One attack entry of an evaluation record: its interval is `ci`, else the Wilson interval of
+    its count (what `gmr evaluate` writes)."""
+    n_correct = int(np.sum(ok)) if ok is not None else round(acc * n)
+    low, high = ci if ci is not None else accuracy_interval(n_correct, n)
+    entry = {"attack": attack, "accuracy": acc, "ci_low": low, "ci_high": high, "n_correct": n_correct,
+             "n_examples": n, "eps": eps, "params": {"steps": steps} if steps and attack.startswith("pgd") else {},
+             "seed": 0, "seconds": 1.0, "per_example": attack}
+    if attack == "autoattack":
+        entry.update(norm="Linf", version="standard", attacks_run=["apgd-ce"], per_attack={"apgd-ce": acc},
+                     flags=[], package="pyautoattack")
+    return entry
 
 
 def flags(n_correct: int, n: int, first: int = 0) -> np.ndarray:
@@ -98,19 +126,21 @@ def make_audit(run: Path, masking: str, failed=(), out: Path | None = None, **su
     """audit.json of the run's selected model, in `out` (default: the run directory)."""
     meta = json.loads((run / "run.json").read_text())
     cfg = meta["config"]
-    checks = [{"name": c, "value": 1.0, "threshold": 0.5, "passed": False, "role": "evidence",
-               "explanation": "x", "source": "s"} for c in failed]
-    checks.append({"name": "clean_accuracy", "value": 0.9, "threshold": None, "passed": None, "role": "info",
-                   "explanation": "x", "source": "s"})
+    undecided = {"interval": None, "n": None, "n_of": None, "n_needed": None}
+    checks = [{"name": c, "value": 1.0, "threshold": 0.5, "passed": False, "decision": "fail", "role": "decisive",
+               "explanation": "x", "source": "s", **undecided} for c in failed]
+    checks.append({"name": "clean_accuracy", "value": 0.9, "threshold": None, "passed": None, "decision": None,
+                   "role": "info", "explanation": "x", "source": "s", **undecided})
     audit = {"schema": "gmr.audit/1", "run": str(run), "run_id": meta["run_id"], "checkpoint": "best",
              "method": cfg["method"], "dataset": cfg["dataset"], "model": cfg["model"], "train_seed": cfg["seed"],
-             "eps": meta["eps"], "n_examples": 16,
+             "eps": meta["eps"], "n_examples": 16, "seed": 0,
              "summary": {"clean_accuracy": 0.9, "fgsm_accuracy": 0.8, "pgd_accuracy": 0.1,
                          "fgsm_pgd_accuracy_gap": 0.7, "gradient_alignment": 0.2, **summary},
              "checks": checks, "verdict": {"masking": masking, "reasons": ["r"]}}
     out = out or run
     out.mkdir(parents=True, exist_ok=True)
     path = out / "audit.json"
+    validate(audit, "audit")
     path.write_text(json.dumps(audit))
     return path
 
@@ -330,8 +360,9 @@ def test_robustness_intervals_from_the_per_example_arrays(tmp_path):
     interval of 76/200 ([31.6, 44.9]), which it must contain."""
     gmr = make_run(tmp_path, "gmr", 0)
     pgd = [make_run(tmp_path, "pgd", s) for s in (0, 1)]
-    evals = [make_eval(gmr, "best", {}, correct={"clean": flags(90, 100), "pgd": flags(38, 100)})]
-    evals += [make_eval(r, "best", {}, correct={"pgd": flags(38, 100)}) for r in pgd]
+    evals = [make_eval(gmr, "best", {}, correct={"clean": flags(90, 100), "fgsm": flags(60, 100),
+                                                 "pgd": flags(38, 100)})]
+    evals += [make_eval(r, "best", {}, correct={"clean": flags(90, 100), "pgd": flags(38, 100)}) for r in pgd]
     t = tables.robustness(tables.load_results([gmr, *pgd], evals), "mnist")
     by = t.set_index("method")
     cols = ["pgd_mean", "pgd_low", "pgd_high", "pgd_n", "pgd_std"]
@@ -342,7 +373,7 @@ def test_robustness_intervals_from_the_per_example_arrays(tmp_path):
     frame, notes = tables.format_robustness("mnist", t)
     cells = frame.set_index("method")
     assert cells.loc["GMR", "PGD"] == "38.0 [29.1, 47.8]" and cells.loc["GMR", "Clean"] == "90.0 [82.6, 94.5]"
-    assert cells.loc["PGD-40 AT", "PGD"] == "38.0 [28.3, 47.7]" and cells.loc["PGD-40 AT", "Clean"] == "–"
+    assert cells.loc["PGD-40 AT", "PGD"] == "38.0 [28.3, 47.7]" and cells.loc["PGD-40 AT", "FGSM"] == "–"
     text = " ".join(notes)
     assert "on the first 100" in text and "95% interval" in text and "aggregate_seeds" in text
     assert "Binomial only" not in text

@@ -24,8 +24,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..cost import device_facts, pick_device
-from ..io import ensure_writable_dir, read_csv, read_json, write_csv, write_json
+from ..cost import check_threads, device_facts, pick_device
+from ..io import check_folder_path, ensure_writable_dir, read_csv, read_json, write_csv, write_json
+from ..options import Seed, check
 from ..runs import CHECKPOINTS, RunDir, catastrophic_overfitting_epoch
 from .probes import PROBES, ProbeSettings, Table, run_probes, summarise
 from .rules import aa_accuracy, autoattack_summary, build_checks, verdict
@@ -45,7 +46,7 @@ class DiagnoseConfig:
     n_test: int = 500
     eval_json: str | None = None       # an evaluation result of this run (AutoAttack flags, PGD)
     transfer_from: str | None = None   # a source run for the transfer check
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     data_root: str | None = None       # None: the run's own data root
     threads: int | None = None         # CPU threads for torch; None: torch's default
@@ -60,13 +61,38 @@ class DiagnoseConfig:
         self.settings.validate()
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"threads must be positive, got {self.threads}")
+        check(self)  # types, and the seed's bounds
+        self._check_paths()
         run, record = _finished_run(self.run, self.checkpoint, "--run")
+        self._check_points(record)
+        run.train_log(record)  # a damaged training log stops here, before --out is made (RunError)
         transfer, transfer_record = (_finished_run(self.transfer_from, "best", "--transfer-from")
                                      if self.transfer_from is not None else (None, None))
         eval_record = (read_eval_record(self.eval_json, record, self.checkpoint, run)
                        if self.eval_json is not None else None)
         eval_correct = read_eval_correct(self.eval_json, eval_record) if eval_record is not None else {}
         return Inputs(run, record, transfer, transfer_record, eval_record, pick_device(self.device), eval_correct)
+
+    def _check_paths(self) -> None:
+        """Empty paths (Path("") is the working directory, which nobody means), a folder given as --eval,
+        a data root that is a file, and more threads than CPUs."""
+        for what, path in (("--run", self.run), ("--transfer-from", self.transfer_from)):
+            if path is not None and not path.strip():
+                raise ValueError(f"{what} is empty; give a run directory")
+        if self.eval_json is not None and (not self.eval_json.strip() or Path(self.eval_json).is_dir()):
+            raise ValueError(f"--eval {self.eval_json!r} is not a file; give the `gmr evaluate` JSON file")
+        if self.data_root is not None:
+            check_folder_path(self.data_root, "--data-root")
+        check_threads(self.threads)
+
+    def _check_points(self, record: dict) -> None:
+        """n_test within the run's test set (a dataset fact; no data is loaded)."""
+        from ..data import dataset_info
+
+        dataset = record["config"]["dataset"]
+        total = dataset_info(dataset).test_size
+        if self.n_test > total:
+            raise ValueError(f"n_test {self.n_test} is larger than the {total} test points of {dataset}")
 
 
 @dataclass

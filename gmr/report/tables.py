@@ -46,7 +46,7 @@ from ..io import ensure_writable_dir, read_json
 from ..methods import method_rank, method_title
 from ..models import model_title
 from ..registry import Registry
-from ..runs import RunDir, RunError
+from ..runs import RunDir, RunError, run_warnings
 from ..stats import CONFIDENCE, accuracy_interval, aggregate_seeds
 from .comparisons import DEFAULT_PAIRS, compare_methods, format_comparisons
 from .reference import compare, format_comparison
@@ -62,6 +62,8 @@ AUDIT_VALUES = ("clean_accuracy", "fgsm_accuracy", "pgd_accuracy", "fgsm_pgd_acc
 EVAL_COLUMNS = ["run_id", "checkpoint", "attack", "accuracy", "n_correct", "ci_low", "ci_high", "interval_method",
                 "n_examples", "test_points", "dataset", "model", "method", "seed", "eps", "steps", "file",
                 "correct"]
+# The schema (gmr/schemas/<name>.schema.json) of each kind of record the report layer reads.
+RECORD_SCHEMAS = {"evaluation": "eval", "audit": "audit"}
 ONE_SEED = "wilson, 1 seed: no seed-to-seed spread"   # gmr.stats.aggregate_seeds says the same
 BINOMIAL_ONLY = "binomial only"
 
@@ -78,7 +80,11 @@ class TableInputError(ValueError):
 # Reading records
 
 def read_record(path: str | Path, kind: str) -> dict:
-    """A JSON record (evaluation or audit) that names the run it measured; TableInputError otherwise."""
+    """A JSON record (evaluation or audit) that names the run it measured and follows its schema;
+    TableInputError otherwise."""
+    if not str(path).strip() or Path(path).is_dir():
+        raise TableInputError(f"{kind} file {str(path)!r} is {'a folder' if str(path).strip() else 'empty'}; "
+                              "give the record's JSON file")
     path = Path(path)
     try:
         data = read_json(path)
@@ -91,7 +97,24 @@ def read_record(path: str | Path, kind: str) -> dict:
     if not isinstance(data.get("run_id"), str) or not data["run_id"]:
         raise TableInputError(f"{kind} file {path} has no run_id (written before records named their run); "
                               "make it again with this version of gmr")
+    check_schema(data, path, kind)
     return data
+
+
+def check_schema(record: dict, path: str | Path, kind: str) -> None:
+    """The record must follow its JSON schema (gmr/schemas/): an accuracy of 5.0, a missing interval or
+    a foreign key is refused in one line naming the file and the field, rather than shown as 500%."""
+    import jsonschema
+
+    from ..schemas import validate
+
+    name = RECORD_SCHEMAS[kind]
+    try:
+        validate(record, name)
+    except jsonschema.ValidationError as err:
+        field = "/".join(str(p) for p in err.absolute_path) or "the record"
+        raise TableInputError(f"{kind} file {path} does not follow gmr/schemas/{name}.schema.json at {field}: "
+                              f"{err.message[:200]}; write it again with this version of gmr") from None
 
 
 def read_run(run: RunDir) -> dict:
@@ -144,12 +167,18 @@ def load_results(run_dirs: Sequence[str | Path], eval_files: Sequence[str | Path
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run directory: its id, setting, selection, catastrophic overfitting and cost ledger."""
+    """One row per run directory: its id, setting, selection, catastrophic overfitting, cost ledger and
+    warnings (gmr.runs.run_warnings). A directory given twice counts once; two directories with the same
+    run_id (a copied run) are refused, since each would count as a seed."""
     rows, seen = [], {}
     for d in run_dirs:
+        if not str(d).strip():
+            raise TableInputError("--runs holds an empty path; give run directories")
         run = RunDir(Path(d).parent if Path(d).name == "run.json" else d)
         meta = read_run(run)
         if meta["run_id"] in seen:
+            if seen[meta["run_id"]].resolve() == run.path.resolve():
+                continue
             raise TableInputError(f"runs {seen[meta['run_id']]} and {run.path} have the same run_id "
                                   f"{meta['run_id']} (a copied run directory?); give each run once")
         seen[meta["run_id"]] = run.path
@@ -159,7 +188,7 @@ def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
             "method": cfg["method"], "method_title": method_title(cfg["method"], meta.get("method_options")),
             "seed": cfg["seed"], "epochs": cfg["epochs"], "n_train": meta["data"]["n_train"],
             "best_epoch": meta["selection"]["best_epoch"], "last_epoch": meta["selection"]["last_epoch"],
-            "co_epoch": co_epoch, "co": co_epoch is not None,
+            "co_epoch": co_epoch, "co": co_epoch is not None, "warnings": run_warnings(meta),
             **{k: cost.get(k) for k in ("train_seconds", "seconds_per_epoch", "passes_per_sample",
                                         "declared_passes_per_sample", "images_per_second",
                                         "peak_memory_mb", "device", "device_name", "threads")},
@@ -242,14 +271,24 @@ def load_evals(files: Iterable[str | Path], run_ids: set[str] | None = None) -> 
 
 def load_audits(files: Iterable[str | Path], run_ids: set[str] | None = None) -> pd.DataFrame:
     """One row per audit.json (or `gmr diagnose` folder): setting, verdict, failed checks, key probes.
-    With `run_ids`, every audit must have measured one of those runs."""
-    rows = []
+    With `run_ids`, every audit must have measured one of those runs. A file given twice counts once;
+    two files auditing the same run and checkpoint are refused (the verdict counts would count it twice)."""
+    rows, seen = [], {}
     for f in files:
+        if not str(f).strip():
+            raise TableInputError("--audits holds an empty path; give audit.json files or their folders")
         f = Path(f) / "audit.json" if Path(f).is_dir() else Path(f)
         audit = read_record(f, "audit")
         if "verdict" not in audit or "checks" not in audit:
             raise TableInputError(f"{f} is not a `gmr diagnose` audit (no verdict/checks)")
         check_link(audit, f, run_ids, "audit")
+        key = (audit["run_id"], audit["checkpoint"])
+        if key in seen:
+            if seen[key].resolve() == f.resolve():
+                continue
+            raise TableInputError(f"audits {seen[key]} and {f} both audit run {key[0]} ({key[1]}); give one "
+                                  "audit per run and checkpoint")
+        seen[key] = f
         summary = audit.get("summary", {})
         failed = [c["name"] for c in audit["checks"] if c.get("passed") is False]
         rows.append({"run_id": audit["run_id"], "checkpoint": audit["checkpoint"],
@@ -477,7 +516,17 @@ def format_robustness(dataset: str, t: pd.DataFrame) -> tuple[pd.DataFrame, list
             "number in its own column (<attack>_mean, _low, _high, _n, _std, _interval).")
 def robustness_table(results: Results, dataset: str) -> Parts:
     t = robustness(results, dataset)
-    return (t, *format_robustness(dataset, t))
+    frame, notes = format_robustness(dataset, t)
+    return t, frame, notes + warning_notes(results.runs, dataset)
+
+
+def warning_notes(runs: pd.DataFrame, dataset: str) -> list[str]:
+    """One note naming each run of `dataset` with a warning (gmr.runs.run_warnings), e.g. a training
+    accuracy at chance: the accuracies of such a run are in the table but measure nothing."""
+    if runs.empty:
+        return []
+    return [f"Warning: {r.method_title} seed {r.seed} ({r.run_id}): {w}."
+            for r in runs[runs["dataset"] == dataset].itertuples() for w in r.warnings]
 
 
 @register_table(
