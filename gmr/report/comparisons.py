@@ -28,7 +28,7 @@ from ..data import dataset_info, eps_text
 from ..methods import method_rank, method_title
 from ..models import model_title
 from ..stats import A_MORE_ROBUST, B_MORE_ROBUST, accuracy_interval, aggregate_seeds, compare_paired
-from .render import drop_constant, num, pct_interval
+from .render import drop_constant, num, pct_interval, setting_notes
 
 COMPARISON_ATTACKS = {"pgd": "PGD", "autoattack": "AutoAttack"}
 DEFAULT_PAIRS = (("gmr", "fgsm"), ("gmr", "rfgsm"), ("gmr", "pgd"))
@@ -199,8 +199,7 @@ def format_comparisons(t: pd.DataFrame, skipped: Sequence[str] = ()) -> tuple[pd
              f"on them. Reading: A (or B) more robust when p < {1 - confidence:.2g}; otherwise no "
              "detectable difference at this n, with about how many points would decide it if the observed "
              "rates held."]
-    if setting:
-        notes.append("Setting: " + "; ".join(setting) + ".")
+    notes += setting_notes(setting)
     if t.empty:
         notes.append("No pair of methods was evaluated on the same points under PGD or AutoAttack.")
     notes += list(skipped)

@@ -69,6 +69,11 @@ def drop_constant(df: pd.DataFrame, cols: Sequence[str]) -> tuple[pd.DataFrame, 
     return df, notes
 
 
+def setting_notes(setting: Sequence[str]) -> list[str]:
+    """The note that states the dropped setting columns once ("Setting: dataset MNIST; eps 0.3.")."""
+    return ["Setting: " + "; ".join(setting) + "."] if setting else []
+
+
 # --------------------------------------------------------------------------------------------------
 # Formats
 

@@ -50,7 +50,7 @@ from ..runs import RunDir, RunError, run_warnings
 from ..stats import CONFIDENCE, accuracy_interval, aggregate_seeds
 from .comparisons import DEFAULT_PAIRS, compare_methods, format_comparisons
 from .reference import compare, format_comparison
-from .render import Formatted, Table, drop_constant, missing, num, pct_interval, write_tables
+from .render import Formatted, Table, drop_constant, missing, num, pct_interval, setting_notes, write_tables
 
 # Evaluation attacks in table order, with their column titles (other attacks follow, by name).
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "rfgsm": "R-FGSM", "ifgsm": "I-FGSM", "pgd": "PGD",
@@ -621,8 +621,7 @@ def cost_table(results: Results) -> Parts:
              "passes / sample: forward+backward passes counted on the model per training example "
              "(FGSM-AT 2, GMR 4, PGD-k AT k+1). time / PGD-AT: total training time relative to PGD-AT "
              "in the same setting."]
-    if setting:
-        notes.append("Setting: " + "; ".join(setting) + ".")
+    notes += setting_notes(setting)
     return t, df, notes
 
 
@@ -675,8 +674,7 @@ def masking_table(results: Results) -> Parts:
              "verdict counts over the audited seeds, the failed checks with how many audits failed them, "
              "and the mean of key probes (FGSM − PGD accuracy gap, gradient alignment "
              "E cos(grad(x), grad(x + eta)), mean squared FGSM vs R-FGSM logit distance)."]
-    if setting:
-        notes.append("Setting: " + "; ".join(setting) + ".")
+    notes += setting_notes(setting)
     if t.empty:
         notes.append("No audits were run (diagnose disabled in the config).")
     return t, df, notes
