@@ -19,16 +19,32 @@ from .data import dataset_info
 from .registry import Registry
 
 
+BN_MODES = ("eval", "train")
+
+
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode; restore each module's own flag on exit."""
+def bn_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+    """Run the model in eval or train mode (BatchNorm running statistics or batch statistics); restore
+    each module's own flag on exit.
+
+    Evaluation attacks always use eval mode. Inside training a method declares the mode its official
+    code attacks in (`register_method(attack_bn=...)`): in train mode the attack's forward passes also
+    update BatchNorm's running statistics, as they do in that code.
+    """
+    if mode not in BN_MODES:
+        raise ValueError(f"unknown BatchNorm mode {mode!r}; valid: {', '.join(BN_MODES)}")
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(mode == "train")
     try:
         yield model
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def eval_mode(model: nn.Module):
+    """Every module in eval mode for the duration (see `bn_mode`)."""
+    return bn_mode(model, "eval")
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -39,16 +55,21 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return other.max(1).values - true
 
 
-def per_example_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+def per_example_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce",
+                     kappa: float | None = None) -> torch.Tensor:
+    """Cross-entropy, or the CW margin; with `kappa` the margin is capped at kappa as in the hinge
+    -relu(z_y - max_{j != y} z_j + kappa) of the paper's PGD-CW (val-iisc/SAT-Rx tools/attacks.py:141-148,
+    kappa 50): a point already misclassified by kappa logits gets no gradient and stays where it is."""
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="none")
     if loss == "cw":
-        return margin_loss(logits, y)
+        margin = margin_loss(logits, y)
+        return margin if kappa is None else -F.relu(kappa - margin)
     raise ValueError(f"unknown attack loss {loss!r}; valid: ce, cw")
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce",
-                   create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   create_graph: bool = False, kappa: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the summed loss w.r.t. the input, and the logits, with the model as it is.
 
     The sum (not the mean) keeps gradients away from float underflow; every use here takes the sign or a
@@ -57,7 +78,7 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
-        value = per_example_loss(logits, y, loss).sum()
+        value = per_example_loss(logits, y, loss, kappa).sum()
         (grad,) = torch.autograd.grad(value, x, create_graph=create_graph)
     return grad, logits
 
@@ -81,47 +102,51 @@ def random_sign_like(x: torch.Tensor, generator: torch.Generator | None = None) 
     return noise.to(x.device).sign()
 
 
-def fgsm(model, x, y, eps: float) -> torch.Tensor:
-    with eval_mode(model):
+def fgsm(model, x, y, eps: float, bn: str = "eval") -> torch.Tensor:
+    with bn_mode(model, bn):
         grad, _ = input_gradient(model, x, y)
     return (x + eps * grad.sign()).clamp_(0.0, 1.0).detach()
 
 
-def rfgsm(model, x, y, eps: float, alpha: float, generator=None) -> torch.Tensor:
-    """Tramer et al. 2018: a random alpha-sign step, then an (eps - alpha) gradient-sign step."""
+def rfgsm(model, x, y, eps: float, alpha: float, generator=None, bn: str = "eval") -> torch.Tensor:
+    """Tramer et al. 2018: a random alpha-sign step, then an (eps - alpha) gradient-sign step
+    (ftramer/ensemble-adv-training simple_eval.py:53-56)."""
     if not 0 <= alpha <= eps:
         raise ValueError(f"R-FGSM needs 0 <= alpha <= eps, got alpha={alpha}, eps={eps}")
     x_noisy = (x + alpha * random_sign_like(x, generator)).clamp(0.0, 1.0)
-    with eval_mode(model):
+    with bn_mode(model, bn):
         grad, _ = input_gradient(model, x_noisy, y)
     return project(x_noisy + (eps - alpha) * grad.sign(), x, eps).detach()
 
 
 def pgd(model, x, y, eps: float, steps: int, step_size: float, restarts: int = 1, loss: str = "ce",
-        random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        random_start: bool = True, generator: torch.Generator | None = None, kappa: float | None = None,
+        bn: str = "eval") -> torch.Tensor:
     """Madry et al.: (random start), `steps` signed-gradient steps with projection, restarts.
 
     Over restarts, each example keeps its worst case: a misclassifying point if any restart found one,
-    otherwise the point of highest loss.
+    otherwise the point of highest loss. The start is uniform in the eps-ball (Madry et al.); the
+    paper's code starts from U(-step, step) (SAT-Rx tools/attacks.py:108), a weaker attack: ours on
+    purpose (DESIGN.md section 4). `kappa` caps the CW margin (see `per_example_loss`).
     """
     if steps < 1 or restarts < 1:
         raise ValueError(f"PGD needs steps >= 1 and restarts >= 1, got {steps} and {restarts}")
     best = x.detach().clone()
     best_score = torch.full((len(x),), float("-inf"), device=x.device)
-    with eval_mode(model):
+    with bn_mode(model, bn):
         for _ in range(restarts):
             x_adv = x.detach().clone()
             if random_start:
                 x_adv = project(x_adv + _uniform_like(x, -eps, eps, generator), x, eps)
             for _ in range(steps):
-                grad, _ = input_gradient(model, x_adv, y, loss)
+                grad, _ = input_gradient(model, x_adv, y, loss, kappa=kappa)
                 x_adv = project(x_adv + step_size * grad.sign(), x, eps)
             if restarts == 1:  # nothing to compare against: skip the scoring forward
                 return x_adv.detach()
             with torch.no_grad():
                 logits = model(x_adv)
                 # misclassified points outrank any loss value; among the rest, higher loss wins
-                score = per_example_loss(logits, y, loss)
+                score = per_example_loss(logits, y, loss, kappa)
                 score = torch.where(logits.argmax(1) != y, torch.full_like(score, float("inf")), score)
                 better = score > best_score
                 best[better] = x_adv[better]
@@ -129,15 +154,21 @@ def pgd(model, x, y, eps: float, steps: int, step_size: float, restarts: int = 1
     return best.detach()
 
 
-def ifgsm(model, x, y, eps: float, steps: int, step_size: float | None = None) -> torch.Tensor:
-    """I-FGSM / BIM (Kurakin et al.): PGD from x itself; step eps/steps unless given."""
+def ifgsm(model, x, y, eps: float, steps: int, step_size: float | None = None,
+          bn: str = "eval") -> torch.Tensor:
+    """I-FGSM / BIM (Kurakin et al.): PGD from x itself; step eps/steps unless given, as the paper's
+    code (SAT-Rx tools/attacks.py:77-91: k steps of eps/k, clipped to [0, 1]; the projection here
+    never binds at that step)."""
     return pgd(model, x, y, eps, steps, step_size if step_size is not None else eps / steps,
-               random_start=False)
+               random_start=False, bn=bn)
 
 
 # --------------------------------------------------------------------------------------------------
-# Registry of evaluation attacks with per-dataset defaults (the paper's code: MNIST I-FGSM/PGD 100
-# steps of 0.01; CIFAR 20 steps of 2/255). "legacy" PGD-50-10 is the field's older headline attack.
+# Registry of evaluation attacks with per-dataset defaults, as the paper's code evaluates
+# (SAT-Rx MNIST/SAT_REG_2_training.py:45-47 and CIFAR10/SAT_REG_2_training.py:49-51):
+# I-FGSM k steps of eps/k and PGD k steps of the dataset's step (MNIST k = 100, step 0.01; CIFAR
+# k = 20, step 2/255); PGD-CW with the paper's hinge (kappa 50). "legacy" PGD-50-10 is the field's
+# older headline attack.
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -148,7 +179,7 @@ class AttackSpec:
 ATTACKS: Registry[AttackSpec] = Registry("attack")
 
 
-# Evaluation defaults per dataset family: the paper code's I-FGSM/PGD (MNIST 100 x 0.01, CIFAR 20 x 2/255).
+# Evaluation steps per dataset family (the paper's code: MNIST 100, CIFAR 20).
 _STEPS = {"mnist": 100, "cifar": 20}
 
 
@@ -164,11 +195,12 @@ def _register_attack(name, fn, randomness, defaults: Callable[[Any], dict], desc
 _register_attack("fgsm", fgsm, False, lambda info: {}, "FGSM (Goodfellow et al.)")
 _register_attack("rfgsm", rfgsm, True, lambda info: {"alpha": info.probe_alpha},
                  "R-FGSM (Tramer et al.): alpha noise, then eps - alpha step")
-_register_attack("ifgsm", ifgsm, False, _steps, "I-FGSM/BIM, no random start")
+_register_attack("ifgsm", ifgsm, False, lambda info: {"steps": _STEPS[info.family]},
+                 "I-FGSM/BIM: k steps of eps/k, no random start (the paper's code)")
 _register_attack("pgd", pgd, True, lambda info: dict(_steps(info), restarts=1, loss="ce"),
                  "PGD, cross-entropy, uniform random start")
-_register_attack("pgd_cw", pgd, True, lambda info: dict(_steps(info), restarts=1, loss="cw"),
-                 "PGD, CW-margin loss, uniform random start")
+_register_attack("pgd_cw", pgd, True, lambda info: dict(_steps(info), restarts=1, loss="cw", kappa=50.0),
+                 "PGD, CW hinge loss (kappa 50, the paper's code), uniform random start")
 _register_attack("pgd_50_10", pgd, True,
                  lambda info: dict(steps=50, step_size=info.step_size, restarts=10, loss="ce"),
                  "legacy PGD-50-10: 50 steps, 10 restarts")

@@ -46,9 +46,10 @@ RUN_FILES = ("run.json", "train_log.csv", "model_best.pt", "model_last.pt", "che
 RESUME_KEYS = ("epoch", "config_identity", "model", "optimizer", "scheduler", "rng_cpu", "rng_data",
                "best_metric", "best_epoch", "log", "ledger")
 LOG_COLUMNS = ("epoch", "val_clean", "val_fgsm", "val_ifgsm3", "val_pgd")
-# The rule of the training-log detector (Wong et al. 2020); see catastrophic_overfitting_epoch.
+# Our training-log detector (a variant of Wong et al. 2020's rule); see catastrophic_overfitting_epoch.
 CO_PGD_DROP = 0.2
 CO_FGSM_SLACK = 0.1
+CO_RULE = "ours"   # the rule tables and figures use; CO_RULES lists them all
 # A final training accuracy at most this many times chance (1 / classes) counts as "at chance": such a
 # model learned nothing, and its robust accuracy says nothing about the method (see run_warnings).
 CHANCE_FACTOR = 1.5
@@ -314,8 +315,24 @@ def write_train_log(path: str | Path, rows: Sequence[dict]) -> None:
     write_csv(path, rows)
 
 
+def wong2020_co_epoch(rows: Sequence[dict], drop: float = CO_PGD_DROP) -> int | None:
+    """Wong et al. 2020's early-stopping rule (locuslab/fast_adversarial CIFAR10/train_fgsm.py:93,
+    130-139): the first epoch whose training-batch PGD-5 accuracy is below the previous epoch's by more
+    than 0.2 (the previous value starts at 0). Reads the `train_batch_pgd5` column (see
+    gmr.train.train_batch_pgd5); None for a log without it or without such a drop."""
+    previous = 0.0
+    for row in rows:
+        value = row.get("train_batch_pgd5")
+        if value is None or math.isnan(value):
+            continue
+        if value - previous < -drop:
+            return int(row["epoch"])
+        previous = value
+    return None
+
+
 def catastrophic_overfitting_epoch(rows: Sequence[dict], pgd_drop: float = CO_PGD_DROP,
-                                   fgsm_slack: float = CO_FGSM_SLACK) -> int | None:
+                                   fgsm_slack: float = CO_FGSM_SLACK, rule: str | None = None) -> int | None:
     """First epoch whose val PGD accuracy is below the best of the earlier epochs by more than
     min(`pgd_drop`, half that best) while val FGSM accuracy stays within `fgsm_slack` of its value at
     that best epoch; None when there is none.
@@ -323,7 +340,10 @@ def catastrophic_overfitting_epoch(rows: Sequence[dict], pgd_drop: float = CO_PG
     Wong et al. 2020 stop training when PGD accuracy falls by 0.2. A model whose PGD accuracy is below
     0.4 cannot lose 0.2 without losing most of it, so there losing half counts too (Kim et al. 2021
     describe catastrophic overfitting as PGD accuracy falling to 0 while FGSM accuracy rises). The FGSM
-    condition separates it from a collapse of everything (e.g. divergence)."""
+    condition separates it from a collapse of everything (e.g. divergence). This is our rule ("ours");
+    `rule="wong2020"` applies Wong et al.'s own (`wong2020_co_epoch`)."""
+    if (rule or CO_RULE) != "ours":
+        return CO_RULES[rule or CO_RULE](rows)
     best_pgd, best_fgsm = -math.inf, None
     for row in rows:
         pgd, fgsm = row.get("val_pgd"), row.get("val_fgsm")
@@ -335,3 +355,8 @@ def catastrophic_overfitting_epoch(rows: Sequence[dict], pgd_drop: float = CO_PG
         if pgd > best_pgd:
             best_pgd, best_fgsm = pgd, fgsm
     return None
+
+
+# Catastrophic-overfitting rules by name: "ours" (val PGD vs the best earlier epoch, with the FGSM
+# condition) and "wong2020" (training-batch PGD-5 vs the previous epoch, as their code).
+CO_RULES = {"ours": catastrophic_overfitting_epoch, "wong2020": wong2020_co_epoch}

@@ -198,3 +198,25 @@ def test_run_attack_uses_dataset_defaults():
     x, y = _inputs(0, 2, 1, 8)
     out = attacks.run_attack("ifgsm", MODELS[1], x, y, 0.1, steps=2)
     assert (out - x).abs().max() <= 0.1 + TOL
+
+
+def test_ifgsm_defaults_are_the_paper_codes_k_steps_of_eps_over_k():
+    """SAT-Rx tools/attacks.py:77-91 with ifgsm_steps 100 (MNIST) and 20 (CIFAR-10)."""
+    assert attacks.attack_defaults("ifgsm", "mnist") == {"steps": 100}
+    assert attacks.attack_defaults("ifgsm", "cifar10") == {"steps": 20}
+    model = MODELS[1]
+    x, y = torch.rand(4, 1, 12, 12), torch.randint(0, 10, (4,))
+    out = ifgsm(model, x, y, 0.3, 100)
+    assert torch.allclose(out, pgd(model, x, y, 0.3, 100, 0.003, random_start=False))
+
+
+def test_pgd_cw_hinge_stops_at_kappa():
+    """SAT-Rx CW_loss (tools/attacks.py:141-148): -relu(z_y - max_other + kappa); no gradient once a
+    point is misclassified by kappa logits."""
+    logits = torch.tensor([[5.0, 0.0, 1.0], [0.0, 60.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0])
+    loss = per_example_loss(logits, y, "cw", kappa=50.0)
+    assert loss.tolist() == pytest.approx([-(5.0 - 1.0 + 50.0), 0.0])
+    loss.sum().backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
+    assert attacks.attack_defaults("pgd_cw", "mnist")["kappa"] == 50.0

@@ -212,9 +212,20 @@ def test_reference_numbers():
     assert abs(gmr["eps"] - 8 / 255) < 1e-12 and gmr["model"] == "ResNet-18"
     wong = next(r for r in rows if r["source"] == "robustbench:Wong2020Fast")
     assert (wong["clean"], wong["autoattack"]) == (83.34, 43.21)
-    mnist = reference_rows(dataset="mnist")
-    assert len(mnist) == 1 and mnist[0]["autoattack"] == 82.93 and mnist[0]["pgd"] == 88.77
+    mnist = {r["method"]: r for r in reference_rows(dataset="mnist")}
+    # AutoAttack README: clean, the authors' own number (not PGD of ours) and AutoAttack
+    assert (mnist["fgsm_rs"]["clean"], mnist["fgsm_rs"]["reported"], mnist["fgsm_rs"]["autoattack"]) == (98.50, 88.77, 82.93)
+    assert mnist["fgsm_rs"]["pgd"] is None
+    assert (mnist["pgd"]["clean"], mnist["pgd"]["reported"], mnist["pgd"]["autoattack"]) == (98.53, 89.62, 88.50)
+    assert mnist["pgd"]["our_title"] == "PGD-40 AT" and mnist["pgd"]["model"] == "not stated"
+    pgd10 = next(r for r in rows if r.get("our_title") == "PGD-10 AT")
+    assert pgd10["source"] == "sriramanan2021" and "AA (v1)" in pgd10["note"]
+    fast = [r for r in rows if r["source"] == "fastat-benchmark"]
+    assert len(fast) == 14 and all(r["recipe"] == "fastat-benchmark" for r in fast)
+    n_fgsm = next(r for r in fast if r["method"] == "n_fgsm")
+    assert (n_fgsm["clean"], n_fgsm["pgd50"], n_fgsm["autoattack"]) == (78.59, 53.07, 47.77)
     ref = load_reference()
+    assert "label smoothing 0.4" in ref["recipes"]["fastat-benchmark"]
     assert ref["unit"] == "percent" and all(r["source"] in ref["sources"] for r in ref["entries"])
     keys = {"source", "dataset", "eps", "model", "method", "method_name", "clean", "fgsm", "pgd7", "pgd20",
             "pgd500", "autoattack"}

@@ -279,6 +279,19 @@ def test_catastrophic_overfitting_rule():
     assert catastrophic_overfitting_epoch(noise) is None
 
 
+def test_wong2020_rule_by_name():
+    """locuslab/fast_adversarial train_fgsm.py:93,130-139: a drop of more than 0.2 in training-batch
+    PGD-5 accuracy from the previous epoch (not the best), starting from 0."""
+    from gmr.runs import CO_RULES
+
+    row = lambda e, pgd5: {"epoch": e, "val_fgsm": 0.5, "val_pgd": 0.3, "train_batch_pgd5": pgd5}
+    assert set(CO_RULES) == {"ours", "wong2020"}
+    assert CO_RULES["wong2020"]([row(1, 0.4), row(2, 0.5), row(3, 0.25)]) == 3
+    assert CO_RULES["wong2020"]([row(1, 0.5), row(2, 0.35), row(3, 0.2)]) is None   # ours compares with the best
+    assert catastrophic_overfitting_epoch([row(1, 0.5), row(2, 0.35)], rule="wong2020") is None
+    assert CO_RULES["wong2020"]([{"epoch": 1, "val_pgd": 0.1}]) is None              # a log without the column
+
+
 def test_verdict_rule():
     def check(name, value):
         return make_check(name, value)

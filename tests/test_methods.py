@@ -84,7 +84,7 @@ def test_counted_passes_with_clean_fraction(name, clean_fraction):
     counter = PassCounter(model)
     METHODS.get(name).fn(model, x, y, eps, options).loss.backward()
     declared = method_cost(name, options, b)
-    assert declared.forward < 2
+    assert declared.forward < method_cost(name, make_options(name, "mnist"), b).forward
     assert counter.count.forward == pytest.approx(declared.forward * b)
     assert counter.count.backward == pytest.approx(declared.backward * b)
 
@@ -103,25 +103,48 @@ def test_pass_counter_counts_a_known_sequence():
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_eval_mode_during_attack_train_mode_during_update(name):
+def test_attack_forwards_run_in_the_declared_batchnorm_mode(name):
+    """Every forward before the update runs in the mode the method declares (`attack_bn`, from its
+    official code); the update forward(s) run in train mode; BatchNorm statistics move once per
+    train-mode forward (so an eval-mode attack leaves them alone)."""
     model, x, y, eps, options = _step(name, "mnist", 8)
     calls = []
 
     def hook(module, inputs, output):
         flags = {m.training for m in module.modules()}
         assert len(flags) == 1, "all modules must share one mode within a forward"
-        calls.append((module.training, len(inputs[0])))
+        calls.append(module.training)
 
     model.register_forward_hook(hook)
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     tracked = int(bn.num_batches_tracked)
     METHODS.get(name).fn(model, x, y, eps, options)
-    assert calls
-    assert [t for t, _ in calls[:-1]] == [False] * (len(calls) - 1), f"attack forwards: {calls}"
-    assert calls[-1][0] is True, "the update forward must run in train mode"
-    assert int(bn.num_batches_tracked) == tracked + 1, "BatchNorm statistics updated once, by the update"
-    if name == "gmr":  # one input-gradient pass on [x; x~], one update forward on [x_fgsm; x_rfgsm]
-        assert calls == [(False, 16), (True, 16)]
+    declared = METHODS.get(name).attack_bn
+    n_update = 2 if name == "rfgsm" else 1            # R-FGSM-AT: a clean and an adversarial forward
+    attack, update = calls[:-n_update], calls[-n_update:]
+    assert update == [True] * n_update, f"the update forward must run in train mode: {calls}"
+    if name != "standard":
+        assert attack, "a method with an attack makes at least one attack forward"
+    assert attack == [declared == "train"] * len(attack), f"{name} declares {declared}: {calls}"
+    assert int(bn.num_batches_tracked) == tracked + sum(calls)
+    assert model.training
+
+
+def test_official_batchnorm_modes():
+    """DESIGN.md section 2 (the audit): train mode in FGSM-RS, N-FGSM, GradAlign and Madry's PGD-AT;
+    eval mode in SAT-Rx (GMR, SAT-R1, SAT-R3 and the seed paper's FGSM samples)."""
+    modes = {name: METHODS.get(name).attack_bn for name in ALL}
+    assert {n for n, m in modes.items() if m == "train"} >= {"fgsm_rs", "n_fgsm", "gradalign", "pgd"}
+    assert all(modes[n] == "eval" for n in ("gmr", "sat_r1", "sat_r3", "fgsm", "rfgsm"))
+    assert all(METHODS.get(n).source for n in ALL), "every method names the code it follows"
+
+
+def test_gmr_update_sees_both_halves_in_one_forward():
+    model, x, y, eps, options = _step("gmr", "mnist", 8)
+    sizes = []
+    model.register_forward_hook(lambda m, i, o: sizes.append((m.training, len(i[0]))))
+    METHODS.get("gmr").fn(model, x, y, eps, options)
+    assert sizes == [(False, 16), (True, 16)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,10 +271,89 @@ def test_gmr_defaults_per_dataset():
 def test_other_method_defaults_per_dataset():
     assert make_options("pgd", "mnist").steps == 40 and make_options("pgd", "mnist").step_size == 0.01
     assert make_options("pgd", "cifar10").steps == 7
-    assert make_options("rfgsm", "cifar10").alpha == pytest.approx(2 / 255)
+    # R-FGSM-AT: Tramer et al.'s recipe (alpha 0.05 on MNIST, eps/2 elsewhere; 0.5 clean + 0.5 adv)
+    assert make_options("rfgsm", "mnist").alpha == 0.05 and make_options("rfgsm", "cifar10").alpha is None
+    assert make_options("rfgsm", "mnist").clean_weight == 0.5
     assert make_options("sat_r1", "mnist").steps == 10 and make_options("sat_r1", "cifar10").steps == 3
     r3 = make_options("sat_r3", "cifar10")
-    assert r3.eps_low == pytest.approx(2 / 255) and r3.tau == 0.6
+    assert r3.eps_low == pytest.approx(2 / 255) and r3.tau == 0.6 and r3.alpha == pytest.approx(2 / 255)
+    assert make_options("sat_r3", "mnist").alpha == 0.01
+    assert make_options("gradalign", "mnist").lambda_ == 0.2 and make_options("gradalign", "cifar10").lambda_ is None
+
+
+def test_gradalign_lambda_follows_the_official_scripts():
+    """tml-epfl/understanding-fast-adv-training sh/exps_diff_eps_cifar10.sh:41-56, eps 1..16 (/255)."""
+    official = [0.027, 0.036, 0.047, 0.063, 0.084, 0.112, 0.150, 0.200, 0.267, 0.356, 0.474, 0.632,
+                0.843, 1.124, 1.500, 2.000]
+    from gmr.methods import gradalign_lambda
+    # the scripts write three digits, not always rounded (1.1247 at 14/255 is written 1.124)
+    assert all(abs(gradalign_lambda(k / 255) - v) < 1e-3 for k, v in zip(range(1, 17), official))
+    assert gradalign_lambda(8 / 255) == pytest.approx(0.2) and gradalign_lambda(16 / 255) == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# R-FGSM-AT, SAT-R3 and GradAlign against hand computations on the linear model
+
+def test_rfgsm_loss_is_half_clean_half_adversarial():
+    model = Linear(W, B).train()
+    inputs = []
+    model.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach().clone()))
+    options = make_options("rfgsm", "mnist")
+    torch.manual_seed(SEED)
+    out = METHODS.get("rfgsm").fn(model, X.clone(), Y, EPS, options)
+    torch.manual_seed(SEED)
+    x_noisy = torch.clamp(X + 0.05 * torch.randn(X.shape, dtype=X.dtype).sign(), 0.0, 1.0)
+    step = x_noisy + (EPS - 0.05) * torch.sign(_ce_input_grad(x_noisy, Y))
+    x_adv = torch.clamp(torch.minimum(torch.maximum(step, X - EPS), X + EPS), 0.0, 1.0)
+    expected = 0.5 * _ce_mean(_logits(X), Y) + 0.5 * _ce_mean(_logits(x_adv), Y)
+    assert abs(out.loss.item() - expected.item()) < 1e-9
+    assert torch.allclose(inputs[1], x_adv, atol=1e-12, rtol=0) and torch.equal(inputs[2], X)
+    seed_paper = make_options("rfgsm", "mnist", {"clean_weight": 0, "alpha": 0.01})
+    assert method_cost("rfgsm", seed_paper, 16).forward == 2 and method_cost("rfgsm", options, 16).forward == 3
+
+
+def test_sat_r3_starts_from_the_noisy_point():
+    """SAT-Rx GenerateAdvSamples_sat_r3: x~ = clip(x + alpha sign(N)); x_low, x_high from x~."""
+    lam, eps_low, tau, alpha = 1.0, 0.1, 0.4, 0.05
+    model = Linear(W, B).train()
+    options = make_options("sat_r3", "mnist", {"lambda_": lam, "eps_low": eps_low, "tau": tau, "alpha": alpha})
+    torch.manual_seed(SEED)
+    out = METHODS.get("sat_r3").fn(model, X.clone(), Y, EPS, options)
+    torch.manual_seed(SEED)
+    x_noisy = torch.clamp(X + alpha * torch.randn(X.shape, dtype=X.dtype).sign(), 0.0, 1.0)
+    sign = torch.sign(_ce_input_grad(x_noisy, Y))
+    ce_high = _ce_mean(_logits(torch.clamp(x_noisy + EPS * sign, 0, 1)), Y)
+    ce_low = _ce_mean(_logits(torch.clamp(x_noisy + eps_low * sign, 0, 1)), Y)
+    expected = ce_high + lam * torch.relu(ce_low - tau * ce_high)
+    assert abs(out.loss.item() - expected.item()) < 1e-9
+
+
+def test_gradalign_second_gradient_is_not_clipped_and_zero_gradients_are_dropped():
+    """train.py:193-200 and utils.py:81: g2 at x + eta without clipping to [0, 1]; examples where
+    either gradient is zero leave the mean cosine."""
+    class Flat(nn.Module):        # zero input gradient for example 0 (its logits do not depend on x)
+        def __init__(self):
+            super().__init__()
+            self.lin = Linear(W, B)
+
+        def forward(self, x):
+            z = self.lin(x)
+            keep = torch.ones(len(x), 1, dtype=z.dtype)
+            keep[0] = 0.0
+            return z * keep + B * (1 - keep)
+
+    model = Flat().train()
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    torch.manual_seed(SEED)
+    out = METHODS.get("gradalign").fn(model, X.clone(), Y, EPS, make_options("gradalign", "mnist", {"lambda_": 1.0}))
+    torch.manual_seed(SEED)
+    eta = torch.empty_like(X).uniform_(-EPS, EPS)
+    assert torch.allclose(seen[1], X + eta, atol=1e-12, rtol=0), "g2 is taken at x + eta, unclipped"
+    assert (seen[1] < 0).any() or (seen[1] > 1).any(), "the test point must leave [0, 1]"
+    g1, g2 = _ce_input_grad(X, Y).flatten(1)[1:], _ce_input_grad(X + eta, Y).flatten(1)[1:]
+    cos = F.cosine_similarity(g1, g2, dim=1).mean()
+    assert abs(out.probes["reg"].item() - (1 - cos.item())) < 1e-9
 
 
 def test_overrides_and_coercion():
@@ -358,7 +460,7 @@ def test_method_options_reject_bool_int_confusion():
 @pytest.mark.parametrize("method, option, value, bound", [
     ("pgd", "steps", 0, "int >= 1"), ("pgd", "step_size", 0, "float > 0"),
     ("gmr", "alpha", -1, "float >= 0"), ("gmr", "lambda_", -0.5, "float >= 0"),
-    ("rfgsm", "alpha", float("nan"), "float >= 0"), ("fgsm", "clean_fraction", 1.5, "float >= 0 and <= 1"),
+    ("rfgsm", "alpha", float("nan"), "float >= 0 or None"), ("fgsm", "clean_fraction", 1.5, "float >= 0 and <= 1"),
     ("sat_r1", "steps", 0, "int >= 1"), ("n_fgsm", "step_factor", 0, "float > 0"),
 ])
 def test_method_options_out_of_range_are_refused(method, option, value, bound):

@@ -72,3 +72,25 @@ def test_gmr_models_lists_all(capsys):
     assert listed == set(list_models())
     lenet = next(line for line in lines if line.startswith("lenet_plus"))
     assert "3,274,634" in lenet and "1x28x28" in lenet
+
+
+def test_normalisation_is_a_property_of_the_model_entry():
+    """The paper's WideResNet-28-10 and LeNet+ take raw [0, 1] inputs (SAT-Rx tools/utils.py:37-47);
+    the ResNets of Wong et al. normalise with the dataset's statistics."""
+    from gmr.models import normalizes_inputs
+
+    assert not normalizes_inputs("wrn_28_10") and not normalizes_inputs("lenet_plus")
+    assert normalizes_inputs("preact_resnet18") and normalizes_inputs("resnet18")
+    wrn = create_model("wrn_28_10", "cifar10")
+    assert not any("normalize" in k for k in wrn.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(wrn.normalize(x), x)
+    resnet = create_model("resnet18", "cifar10")
+    assert not torch.equal(resnet.normalize(x), x)
+
+
+def test_gmr_models_says_which_normalise(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "[0, 1] raw" in next(l for l in lines if l.startswith("wrn_28_10"))
+    assert "normalised" in next(l for l in lines if l.startswith("preact_resnet18"))

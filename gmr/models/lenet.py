@@ -4,7 +4,7 @@ from torch import nn
 from . import MODELS
 
 
-@MODELS.register("lenet_plus", title="LeNet+", description="paper's MNIST net: 2 conv5x5 + FC-1024", input_sizes=[(28, 28)])
+@MODELS.register("lenet_plus", title="LeNet+", normalize=False, description="paper's MNIST net: 2 conv5x5 + FC-1024", input_sizes=[(28, 28)])
 class LeNetPlus(nn.Module):
     def __init__(self, in_channels=1, num_classes=10, image_size=28, **_):
         super().__init__()

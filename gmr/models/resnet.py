@@ -2,7 +2,7 @@
 from torch import nn
 import torch.nn.functional as F
 
-from . import MODELS, Normalize
+from . import MODELS, input_layer
 
 
 class BasicBlock(nn.Module):
@@ -44,7 +44,7 @@ class PreActBlock(nn.Module):
 class _ResNet18(nn.Module):
     def __init__(self, block, preact, in_channels, num_classes, mean, std):
         super().__init__()
-        self.normalize = Normalize(mean, std)
+        self.normalize = input_layer(mean, std)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = None if preact else nn.BatchNorm2d(64)
         layers, cin = [], 64

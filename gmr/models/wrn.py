@@ -1,8 +1,9 @@
-"""WideResNet-28-10 (Zagoruyko & Komodakis), the paper's CIFAR-10 network."""
+"""WideResNet-28-10 (Zagoruyko & Komodakis), the paper's CIFAR-10 network: no input normalisation, as the
+paper's code (val-iisc/SAT-Rx tools/utils.py:37-47 normalise with mean 0 and std 1, i.e. not at all)."""
 from torch import nn
 import torch.nn.functional as F
 
-from . import MODELS, Normalize
+from . import MODELS, input_layer
 
 
 class WideBlock(nn.Module):
@@ -26,7 +27,7 @@ class WideResNet(nn.Module):
         super().__init__()
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
-        self.normalize = Normalize(mean, std)
+        self.normalize = input_layer(mean, std)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         blocks, cin = [], widths[0]
         for i, stride in enumerate([1, 2, 2]):
@@ -43,6 +44,7 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
-@MODELS.register("wrn_28_10", title="WideResNet-28-10", description="WideResNet-28-10 (paper's CIFAR-10 net)")
-def wrn_28_10(in_channels=3, num_classes=10, mean=(0.0,), std=(1.0,), **_):
+@MODELS.register("wrn_28_10", title="WideResNet-28-10", normalize=False,
+                 description="WideResNet-28-10 (paper's CIFAR-10 net)")
+def wrn_28_10(in_channels=3, num_classes=10, mean=None, std=None, **_):
     return WideResNet(28, 10, in_channels, num_classes, mean, std)

@@ -25,11 +25,14 @@ ARCH_ALIASES = {"resnet-18": "resnet18", "resnet18": "resnet18", "preactresnet-1
 # Published column -> (title, our attack, the PGD step count our evaluation must have used; None: any).
 REFERENCE_COLUMNS = {"clean": ("clean", "clean", None), "fgsm": ("FGSM", "fgsm", None),
                      "pgd": ("PGD (steps not stated)", "pgd", None), "pgd7": ("PGD-7", "pgd", 7),
-                     "pgd20": ("PGD-20", "pgd", 20), "pgd500": ("PGD-500", "pgd", 500),
-                     "autoattack": ("AutoAttack", "autoattack", None)}
+                     "pgd20": ("PGD-20", "pgd", 20), "pgd50": ("PGD-50", "pgd", 50),
+                     "pgd500": ("PGD-500", "pgd", 500), "autoattack": ("AutoAttack", "autoattack", None),
+                     "reported": ("reported by the authors", "none", None)}
 COLUMNS = ["dataset", "eps", "model", "method", "method_name", "metric", "published", "ours", "delta",
-           "our_seeds", "source"]
+           "our_seeds", "source", "note"]
 SETTING = ["dataset", "model", "eps", "method"]
+NOT_STATED = "not stated"          # an entry whose source gives no architecture
+REFERENCE_FILE = "gmr/reference/reference.json"
 
 
 @lru_cache(maxsize=None)
@@ -54,22 +57,46 @@ def reference_numbers() -> pd.DataFrame:
     return pd.DataFrame(reference_rows())
 
 
-def compare(evals: pd.DataFrame, published: pd.DataFrame | None = None, checkpoint: str = "best"
-            ) -> pd.DataFrame:
-    """One row per published number (source, setting, method, metric) with ours beside it: the
-    `checkpoint` model, mean over seeds. Delta = ours - published, in points; NaN where we have no
-    matching number. `evals` is the frame of `gmr.report.tables.load_evals`."""
+def _given(value) -> bool:
+    """A field an entry sets (absent fields read as None or NaN from a frame)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _in_study(ref: dict, ours: list[dict]) -> bool:
+    return any(o["dataset"] == ref["dataset"] and abs(o["eps"] - ref["eps"]) < 1e-4 for o in ours)
+
+
+def _match(ref: dict, ours: list[dict]) -> dict | None:
+    """Our setting that this published entry measures the same thing as: dataset, eps, method,
+    architecture (any of ours when the source does not state one) and, where the entry names one, the
+    method's title (PGD-40 AT is not PGD-3 AT). An entry trained by another recipe matches nothing."""
+    if _given(ref.get("recipe")):
+        return None
+    arch = ARCH_ALIASES.get(str(ref["model"]).lower(), ref["model"])
+    title = ref.get("our_title")
+    return next((o for o in ours if o["dataset"] == ref["dataset"] and abs(o["eps"] - ref["eps"]) < 1e-4
+                 and o["method"] == ref["method"] and (arch == NOT_STATED or o["model"] == arch)
+                 and (not _given(title) or o.get("title") == title)), None)
+
+
+def compare(evals: pd.DataFrame, published: pd.DataFrame | None = None, checkpoint: str = "best",
+            titles: dict[tuple, str] | None = None) -> pd.DataFrame:
+    """The published numbers in this study's settings (dataset and eps of one of its runs), one row per
+    (source, method, model, metric), with ours beside each where `_match` finds our setting: the
+    `checkpoint` model, mean over seeds, the same metric (a PGD-k number only when our PGD used k
+    steps). Rows with ours come first. Delta = ours - published, in points. `evals` is the frame of
+    `gmr.report.tables.load_evals`; `titles` maps (dataset, model, eps, method) to our method titles."""
     if published is None:
         published = reference_numbers()
-    ours = _ours_by_setting(evals, checkpoint)
+    ours = _ours_by_setting(evals, checkpoint, titles or {})
     rows = []
     for ref in published.to_dict("records"):
-        arch = ARCH_ALIASES.get(str(ref["model"]).lower(), ref["model"])
-        match = next((o for o in ours if o["dataset"] == ref["dataset"] and abs(o["eps"] - ref["eps"]) < 1e-4
-                      and o["model"] == arch and o["method"] == ref["method"]), None)
+        if not _in_study(ref, ours):
+            continue
+        match = _match(ref, ours)
         for col, (title, attack, steps) in REFERENCE_COLUMNS.items():
             pub = ref.get(col)
-            if pub is None or (isinstance(pub, float) and math.isnan(pub)):
+            if not _given(pub):
                 continue
             mine, seeds = math.nan, 0
             if match and attack in match["acc"] and (steps is None or match["steps"].get(attack) == steps):
@@ -78,13 +105,16 @@ def compare(evals: pd.DataFrame, published: pd.DataFrame | None = None, checkpoi
                          "method": ref["method"], "method_name": ref.get("method_name", ref["method"]),
                          "metric": title, "published": float(pub), "ours": mine,
                          "delta": mine - float(pub) if not math.isnan(mine) else math.nan,
-                         "our_seeds": seeds, "source": ref.get("source", "")})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                         "our_seeds": seeds, "source": ref.get("source", ""),
+                         "note": ref["note"] if _given(ref.get("note")) else ""})
+    t = pd.DataFrame(rows, columns=COLUMNS)
+    return t.sort_values("our_seeds", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def _ours_by_setting(evals: pd.DataFrame, checkpoint: str) -> list[dict]:
-    """Per setting: mean accuracy per attack, the number of runs, and the PGD step count of each
-    attack (None when the runs of the setting used different counts: not one comparable number)."""
+def _ours_by_setting(evals: pd.DataFrame, checkpoint: str, titles: dict[tuple, str]) -> list[dict]:
+    """Per setting: mean accuracy per attack, the number of runs, the PGD step count of each attack
+    (None when the runs of the setting used different counts: not one comparable number) and the
+    method's title."""
     if evals.empty:
         return []
     out = []
@@ -94,7 +124,8 @@ def _ours_by_setting(evals: pd.DataFrame, checkpoint: str) -> list[dict]:
         for attack, rows in g.groupby("attack"):
             used = set(rows["steps"].dropna())
             steps[attack] = int(used.pop()) if len(used) == 1 else None
-        out.append({**dict(zip(SETTING, key)), "acc": acc, "n_seeds": g["run_id"].nunique(), "steps": steps})
+        out.append({**dict(zip(SETTING, key)), "acc": acc, "n_seeds": g["run_id"].nunique(), "steps": steps,
+                    "title": titles.get(tuple(key))})
     return out
 
 
@@ -106,12 +137,17 @@ def format_comparison(t: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
                        "published": t["published"].map(lambda v: num(v, "{:.2f}")),
                        "ours": t["ours"].map(lambda v: num(v, "{:.2f}")),
                        "Δ": t["delta"].map(lambda v: num(v, "{:+.2f}")),
-                       "our seeds": t["our_seeds"].astype(str), "source": t["source"]})
-    notes = ["Published accuracies (%) beside ours (selected model, mean over seeds) where dataset, eps, "
-             "architecture and method match; PGD-k rows are filled only when our PGD used k steps. "
-             "Δ = ours − published, in points. –: no run of this study in that setting."]
-    if not t.empty and (t["our_seeds"] == 0).all():
-        notes.append("No run of this study matches a published setting (the published rows are CIFAR-10 "
-                     "ResNet-18 / PreActResNet-18 at 8/255 and an MNIST small CNN at 0.3; "
-                     "config/paper-cifar10.yaml trains the matching ResNet-18 runs).")
+                       "our seeds": t["our_seeds"].astype(str), "source": t["source"], "note": t["note"]})
+    if t.empty:
+        return df, [f"No published number is in this study's settings (dataset and eps of its runs). The "
+                    f"references (CIFAR-10 8/255, MNIST 0.3) live in {REFERENCE_FILE}; "
+                    "config/paper-mnist.yaml and config/paper-cifar10.yaml run studies in those settings."]
+    notes = ["Published accuracies (%) in this study's settings (dataset and eps), ours (selected model, "
+             "mean over seeds) beside those whose architecture (any, where the source states none), "
+             "method and method title match; PGD-k rows are filled only when our PGD used k steps. "
+             "Δ = ours − published, in points. –: no run of this study in that setting; "
+             "'reported by the authors' is their own attack's number, never ours to fill. Rows with ours "
+             f"come first. Sources: {REFERENCE_FILE}."]
+    if (t["our_seeds"] == 0).all():
+        notes.append("None of this study's runs matches a published entry's method, architecture and title.")
     return df, notes
