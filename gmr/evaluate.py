@@ -17,6 +17,10 @@ of one number knows how sure it is without the .npz.
 card, each once, or copies an evaluation of the same weights (`reuse_from`) without loading the model.
 Every record names the `run_id` it measured (transfer entries also the source's `source_run_id`).
 
+A RobustBench model (`zoo`: its name; `dataset`, `threat_model`, `model_dir`) is evaluated in place of a
+run directory: `gmr.zoo.ZooModel` answers what a run directory answers, and the record says so in its
+`zoo` object (run_id "zoo:<dataset>:<threat model>:<name>", checkpoint "published", no training seed).
+
 The model stays in eval mode and fp32 throughout; clean accuracy is always measured (it bounds every
 robust accuracy and enters the worst case).
 """
@@ -54,12 +58,12 @@ NON_ATTACKS = ("clean",)
 AUTOATTACK = "autoattack"
 TRANSFER_ATTACKS = ("fgsm", "rfgsm", "pgd")
 RESTART_ATTACKS = ("pgd", "pgd_cw")  # --restarts applies to these; pgd_50_10 keeps its 10
-Checkpoint = Literal["best", "last"]  # a run's model files: model_best.pt, model_last.pt
-_SIGNATURE_SKIP = {"model", "x", "y", "eps", "generator"}
+Checkpoint = Literal["best", "last", "published"]  # a run's model_best.pt, model_last.pt; a zoo model's weights
+_SIGNATURE_SKIP = {"model", "x", "y", "eps", "generator", "bn"}  # bn: training attacks only (eval here)
 # What a parameter of that name may hold, whichever attack takes it (the attack's signature gives the
 # names, defaults and the plain types; these add the value checks).
 _PARAM_TYPES = {"steps": PositiveInt, "restarts": PositiveInt, "step_size": PositiveFloat,
-                "alpha": NonNegativeFloat, "loss": Literal["ce", "cw"]}
+                "alpha": NonNegativeFloat, "loss": Literal["ce", "cw"], "kappa": NonNegativeFloat}
 
 
 def list_attacks() -> list[str]:
@@ -128,7 +132,7 @@ def package_versions() -> dict[str, str | None]:
 
 @dataclass
 class EvalConfig:
-    run: str
+    run: str | None = None              # a run directory, or None with `zoo`
     attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd"])
     n_test: PositiveInt | None = 1000   # first n test points in order; None: the whole test set
     checkpoint: Checkpoint = "best"    # best (the paper's selection) or last
@@ -148,12 +152,17 @@ class EvalConfig:
     aa_attacks: list[str] | None = None  # custom version: the cascade
     state_prefix: str | None = None     # AutoAttack state files `<prefix>.aa-eps<eps>.state.json` (resume)
     threads: PositiveInt | None = None  # torch CPU threads, set before any torch work
+    zoo: str | None = None              # a RobustBench model instead of a run (gmr.zoo)
+    dataset: str | None = None          # with zoo: its dataset (a run knows its own)
+    threat_model: str = "Linf"          # with zoo: the zoo's threat model
+    model_dir: str | None = None        # with zoo: robustbench's checkpoint folder (None: ./models)
 
     # ----------------------------------------------------------------------------------------------
     def validate(self) -> dict:
         """Check everything before any work starts (the models are not loaded: `evaluate` loads each
         once); return the run's run.json. Raises ValueError."""
         check(self)
+        self._check_subject()
         for what, path in (("--run", self.run), ("--transfer-from", self.transfer_from)):
             if path is not None and not path.strip():
                 raise ValueError(f"{what} is empty; give a run directory")
@@ -163,7 +172,7 @@ class EvalConfig:
         for e in self.eps_list:
             self._check_eps(e, "every --eps-list value")
         self._check_autoattack()
-        meta = RunDir(self.run).require(self.checkpoint, "--run")
+        meta = self.subject().require(self.checkpoint, "--zoo" if self.zoo else "--run")
         dataset = meta["config"]["dataset"]
         if self.transfer_from is not None:
             source = RunDir(self.transfer_from).require(self.transfer_checkpoint, "--transfer-from")
@@ -178,6 +187,29 @@ class EvalConfig:
         pick_device(self.device)
         check_threads(self.threads)
         return meta
+
+    def _check_subject(self) -> None:
+        """A run directory or a zoo model, not both; the zoo's options only with a zoo model."""
+        if (self.run is None) == (self.zoo is None):
+            raise ValueError("give either --run (a run directory) or --zoo (a RobustBench model), not "
+                             + ("both" if self.run is not None else "neither"))
+        if self.zoo is None:
+            if self.dataset is not None or self.model_dir is not None:
+                raise ValueError("--dataset and --model-dir go with --zoo; a run directory knows its dataset")
+            if self.checkpoint == "published":
+                raise ValueError("checkpoint published is a zoo model's; a run has best and last")
+            return
+        from .zoo import check_subject
+
+        check_subject(self.zoo, self.dataset, self.threat_model, self.checkpoint)
+
+    def subject(self):
+        """What is evaluated: the run directory, or the zoo model in its place (gmr.zoo.ZooModel)."""
+        if self.zoo is None:
+            return RunDir(self.run)
+        from .zoo import DEFAULT_MODEL_DIR, ZooModel
+
+        return ZooModel(self.zoo, self.dataset, self.threat_model, self.model_dir or DEFAULT_MODEL_DIR)
 
     def _check_eps(self, eps: float, what: str) -> None:
         if self.aa_norm == "L2":
@@ -382,8 +414,10 @@ class _Evaluation:
 
     def record(self, results: dict, transfer: dict, sweep: list, epoch: int | None, started: float) -> dict:
         cfg, run_cfg, n = self.cfg, self.meta["config"], len(self.y)
+        zoo = {"zoo": self.meta["zoo"]} if "zoo" in self.meta else {}
         return {
-            "schema": EVAL_SCHEMA, "run": str(cfg.run), "run_id": self.meta["run_id"],
+            "schema": EVAL_SCHEMA, "run": str(cfg.run if cfg.zoo is None else self.meta["run_id"]),
+            "run_id": self.meta["run_id"], **zoo,
             "checkpoint": cfg.checkpoint, "checkpoint_epoch": epoch,
             "method": run_cfg["method"], "dataset": self.dataset, "model": run_cfg["model"],
             "train_seed": run_cfg["seed"], "train_eps": self.meta["eps"], "seed": cfg.seed, "n_examples": n,
@@ -411,7 +445,7 @@ def _evaluate(cfg: EvalConfig, meta: dict, say: Callable[[str], None]) -> tuple[
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    model, _, epoch = RunDir(cfg.run).load_model(cfg.checkpoint, device, meta)
+    model, _, epoch = cfg.subject().load_model(cfg.checkpoint, device, meta)
     source = None
     if cfg.transfer_from is not None:  # loaded before any attack: a damaged file stops the work early
         source, source_meta, _ = RunDir(cfg.transfer_from).load_model(cfg.transfer_checkpoint, device)
@@ -441,6 +475,10 @@ def check_outputs(cfg: EvalConfig, out: str | Path, card: str | Path | None = No
             raise ValueError(f"--card {card} would overwrite the result {out} or its .npz; give another file")
         if AUTOATTACK not in cfg.attacks:
             raise ValueError("--card needs autoattack in --attacks (a RobustBench card reports AutoAttack accuracy)")
+        if cfg.zoo is not None:
+            raise ValueError("--card describes a run of ours; a RobustBench model has its card in the zoo")
+    if reuse_from is not None and cfg.zoo is not None:
+        raise ValueError("--reuse-from copies the evaluation of a run's other checkpoint; a RobustBench model has one")
     if reuse_from is not None and (not str(reuse_from).strip() or Path(reuse_from).is_dir()):
         raise ValueError(f"--reuse-from {str(reuse_from)!r} is not a file; give the evaluation JSON file to copy")
     for path, what in ((out, "--out"), (card, "--card")):

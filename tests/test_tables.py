@@ -233,6 +233,38 @@ def test_reference_matches_setting_and_step_count(tmp_path):
     assert all(math.isnan(v) for v in got[("PreActResNet-18", "clean")])    # other architecture
 
 
+def test_reference_shows_only_the_study_settings_matched_first(tmp_path):
+    """Only entries in the study's (dataset, eps); an unstated architecture matches ours; a title, when
+    the entry names one, must match (PGD-40 AT is not PGD-3 AT); another recipe is shown, not compared."""
+    published = pd.DataFrame([
+        {"source": "cifar", "dataset": "cifar10", "eps": CIFAR_EPS, "model": "ResNet-18", "method": "gmr",
+         "method_name": "GMR", "clean": 82.29},
+        {"source": "aa", "dataset": "mnist", "eps": 0.3, "model": "not stated", "method": "pgd",
+         "method_name": "Madry", "our_title": "PGD-40 AT", "clean": 98.53, "autoattack": 88.5},
+        {"source": "aa", "dataset": "mnist", "eps": 0.3, "model": "not stated", "method": "gmr",
+         "method_name": "GMR elsewhere", "clean": 99.0},
+        {"source": "fast", "dataset": "mnist", "eps": 0.3, "model": "not stated", "method": "gmr",
+         "method_name": "GMR other recipe", "recipe": "r", "clean": 97.0},
+    ])
+    gmr_run = make_run(tmp_path, "gmr", 0)
+    pgd_run = make_run(tmp_path, "pgd", 0)
+    evals = tables.load_evals([make_eval(gmr_run, "best", {"clean": 0.98}), make_eval(pgd_run, "best", {"clean": 0.97})])
+    titles = {("mnist", "lenet_plus", 0.3, "pgd"): "PGD-3 AT", ("mnist", "lenet_plus", 0.3, "gmr"): "GMR"}
+    ref = reference.compare(evals, published, titles=titles)
+    assert set(ref["source"]) == {"aa", "fast"}, "CIFAR-10 rows are not in an MNIST study"
+    assert ref.iloc[0]["method_name"] == "GMR elsewhere" and ref.iloc[0]["ours"] == pytest.approx(98.0)
+    assert ref["ours"].iloc[1:].isna().all(), "PGD-3 AT is not compared with PGD-40 AT; the other recipe never"
+    titles[("mnist", "lenet_plus", 0.3, "pgd")] = "PGD-40 AT"
+    ref = reference.compare(evals, published, titles=titles)
+    assert ref.set_index("method_name").loc["Madry"].set_index("metric").loc["clean", "ours"] == pytest.approx(97.0)
+
+
+def test_reference_table_says_so_when_no_setting_matches():
+    t = reference.compare(tables.load_evals([]), reference.reference_numbers())
+    df, notes = reference.format_comparison(t)
+    assert t.empty and len(notes) == 1 and "gmr/reference/reference.json" in notes[0]
+
+
 def test_shipped_reference_numbers_load():
     ref = reference.reference_numbers()
     gmr = ref[(ref["method"] == "gmr") & (ref["model"] == "ResNet-18")].iloc[0]

@@ -13,6 +13,10 @@ Every audit names the `run_id` of the run it measured (and `transfer_run_id` of 
 transfer check); an evaluation record is used only when its `run_id` is that of the audited run. Its
 per-example arrays (the .npz beside it) give the checks on the evaluation their paired intervals; the
 checks' confidence level is `settings.confidence` of the audit, kept by `reaudit`.
+
+A RobustBench model (`zoo`, with `dataset`, `threat_model`, `model_dir`) is audited in place of a run:
+`gmr.zoo.ZooModel` answers what a run directory answers (no training log, so no catastrophic-overfitting
+check), and the audit carries its `zoo` object.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ DERIVED_TABLES = ("training_curves", "autoattack", "checks")  # from the run's l
 
 @dataclass
 class DiagnoseConfig:
-    run: str
+    run: str | None = None             # a run directory, or None with `zoo`
     checkpoint: str = "best"
     n_test: int = 500
     eval_json: str | None = None       # an evaluation result of this run (AutoAttack flags, PGD)
@@ -51,11 +55,15 @@ class DiagnoseConfig:
     data_root: str | None = None       # None: the run's own data root
     threads: int | None = None         # CPU threads for torch; None: torch's default
     settings: ProbeSettings = field(default_factory=ProbeSettings)
+    zoo: str | None = None             # a RobustBench model instead of a run (gmr.zoo)
+    dataset: str | None = None         # with zoo: its dataset
+    threat_model: str = "Linf"         # with zoo: the zoo's threat model
+    model_dir: str | None = None       # with zoo: robustbench's checkpoint folder (None: ./models)
+    eps: float | None = None           # with zoo: the budget audited (None: the zoo's); a run: its own
 
     def validate(self) -> "Inputs":
         """Check every input before any work (no model is loaded); ValueError with one line."""
-        if self.checkpoint not in CHECKPOINTS:
-            raise ValueError(f"checkpoint must be best or last, got {self.checkpoint!r}")
+        self._check_subject()
         if self.n_test <= 0:
             raise ValueError(f"n_test must be positive, got {self.n_test}")
         self.settings.validate()
@@ -63,7 +71,7 @@ class DiagnoseConfig:
             raise ValueError(f"threads must be positive, got {self.threads}")
         check(self)  # types, and the seed's bounds
         self._check_paths()
-        run, record = _finished_run(self.run, self.checkpoint, "--run")
+        run, record = self._subject()
         self._check_points(record)
         run.train_log(record)  # a damaged training log stops here, before --out is made (RunError)
         transfer, transfer_record = (_finished_run(self.transfer_from, "best", "--transfer-from")
@@ -72,6 +80,33 @@ class DiagnoseConfig:
                        if self.eval_json is not None else None)
         eval_correct = read_eval_correct(self.eval_json, eval_record) if eval_record is not None else {}
         return Inputs(run, record, transfer, transfer_record, eval_record, pick_device(self.device), eval_correct)
+
+    def _check_subject(self) -> None:
+        """A run directory or a zoo model, not both; the zoo's options only with a zoo model."""
+        if (self.run is None) == (self.zoo is None):
+            raise ValueError("give either --run (a run directory) or --zoo (a RobustBench model), not "
+                             + ("both" if self.run is not None else "neither"))
+        if self.zoo is not None:
+            from ..zoo import check_subject
+
+            check_subject(self.zoo, self.dataset, self.threat_model, self.checkpoint)
+            if self.eps is not None and not 0 < self.eps <= 1:
+                raise ValueError(f"--eps must be in (0, 1] (Linf, pixel units), got {self.eps}")
+        elif self.dataset is not None or self.model_dir is not None or self.eps is not None:
+            raise ValueError("--dataset, --model-dir and --eps go with --zoo; a run is audited on its dataset "
+                             "at its training eps")
+        elif self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"checkpoint must be best or last, got {self.checkpoint!r}")
+
+    def _subject(self):
+        """(run directory or zoo model, its record), checked; the model itself is loaded by the audit."""
+        if self.zoo is None:
+            return _finished_run(self.run, self.checkpoint, "--run")
+        from ..zoo import DEFAULT_MODEL_DIR, ZooModel
+
+        zoo = ZooModel(self.zoo, self.dataset, self.threat_model, self.model_dir or DEFAULT_MODEL_DIR)
+        record = zoo.require(self.checkpoint)
+        return zoo, record if self.eps is None else {**record, "eps": float(self.eps)}
 
     def _check_paths(self) -> None:
         """Empty paths (Path("") is the working directory, which nobody means), a folder given as --eval,
@@ -184,9 +219,10 @@ def _diagnose(cfg: DiagnoseConfig, inputs: Inputs) -> Diagnosis:
 def _audit_header(cfg: DiagnoseConfig, inputs: Inputs, n: int, seconds: float) -> dict:
     record, run_cfg = inputs.record, inputs.record["config"]
     transfer_id = {"transfer_run_id": inputs.transfer_record["run_id"]} if inputs.transfer_record else {}
+    zoo = {"zoo": record["zoo"]} if "zoo" in record else {}
     return {
-        "schema": AUDIT_SCHEMA, "run_id": record["run_id"], **transfer_id,
-        "run": str(cfg.run), "checkpoint": cfg.checkpoint,
+        "schema": AUDIT_SCHEMA, "run_id": record["run_id"], **transfer_id, **zoo,
+        "run": str(cfg.run if cfg.zoo is None else record["run_id"]), "checkpoint": cfg.checkpoint,
         "checkpoint_epoch": inputs.run.checkpoint_epoch(cfg.checkpoint, record),
         "method": run_cfg["method"], "dataset": run_cfg["dataset"], "model": run_cfg["model"],
         "train_seed": run_cfg.get("seed"), "eps": float(record["eps"]), "n_examples": n,
@@ -259,17 +295,18 @@ def read_tables(diag_dir: str | Path) -> dict[str, Table]:
 
 
 def reaudit(diag_dir: str | Path, eval_json: str | None = None, run: str | None = None,
-            checkpoint: str | None = None) -> Diagnosis:
+            checkpoint: str | None = None, subject=None) -> Diagnosis:
     """Rebuild the audit of a `gmr diagnose` folder from its CSV files, without the model. `run` (default:
     the audit's) must be the audited run (same run_id), `checkpoint` (when given) the audited one. The
-    probes, settings and device facts stay those of the original audit."""
+    probes, settings and device facts stay those of the original audit. `subject` (a gmr.zoo.ZooModel)
+    stands for `run` when a RobustBench model was audited (default: the one the audit names)."""
     diag_dir = Path(diag_dir)
     old = _read_audit(diag_dir)
     missing = [n for n in PROBES.names_in_order()
                if not PROBES.entry(n).meta["optional"] and not (diag_dir / f"{n}.csv").is_file()]
     if missing:
         raise ValueError(f"{diag_dir} lacks {', '.join(n + '.csv' for n in missing)}; run `gmr diagnose` again")
-    run_dir = RunDir(run if run is not None else old["run"])
+    run_dir = subject if subject is not None else _audited(old, run)
     record = run_dir.record()
     if old["run_id"] != record["run_id"]:
         raise ValueError(f"{diag_dir}/audit.json audits run {old['run_id']}, not --run {run_dir.path} "
@@ -283,6 +320,15 @@ def reaudit(diag_dir: str | Path, eval_json: str | None = None, run: str | None 
     audit = {k: v for k, v in old.items() if k not in ("summary", "checks", "verdict", "files")}
     audit["inputs"] = {**(old.get("inputs") or {}), "eval_json": eval_json}
     return judge(audit, read_tables(diag_dir), eval_record, run_dir.train_log(), eval_correct)
+
+
+def _audited(audit: dict, run: str | None):
+    """The run directory (or zoo model) an audit names, unless `run` names another run directory."""
+    if run is None and isinstance(audit.get("zoo"), dict):
+        from ..zoo import ZooModel
+
+        return ZooModel.from_fields(audit["zoo"])
+    return RunDir(run if run is not None else audit["run"])
 
 
 def _read_audit(diag_dir: Path) -> dict:
@@ -342,7 +388,7 @@ def write_audit(cfg: DiagnoseConfig, out: str | Path, *, audit_only: bool = Fals
     with lock_folder(out):  # one writer of the folder (LockHeld: exit 2)
         remove_stale_temps(out)  # left by a killed writer: no live one holds the lock
         if audit_only:
-            diag = reaudit(out, cfg.eval_json, cfg.run, cfg.checkpoint)
+            diag = reaudit(out, cfg.eval_json, cfg.run, cfg.checkpoint, subject=inputs.run if cfg.zoo else None)
         else:
             diag = _diagnose(cfg, inputs)
         (out / "audit.json").unlink(missing_ok=True)  # no verdict beside half-rewritten files if a write fails

@@ -15,6 +15,10 @@ Pooling seeds this way makes the test a statement about these trained models on 
 seed-to-seed spread of training is in the robustness tables' intervals, not here. The pairs come from
 `gmr tables --comparisons A:B1,B2 ...` (the workflow: `report: comparisons:` of the config); by default
 GMR against FGSM-AT, R-FGSM-AT and PGD-AT, wherever both were evaluated.
+
+RobustBench models (evaluations with a `zoo` object, `gmr evaluate --zoo`) are baselines of every method
+A of the pairs: a zoo model has one set of weights and its own architecture, so its per-example results
+are paired with those of each seed of A, in each setting and checkpoint of A, on the same test points.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ COLUMNS = SETTING + ["method_a", "method_b", "title_a", "title_b", "seeds", "n_s
                      "difference", "difference_low", "difference_high", "confidence", "both",
                      "only_a", "only_b", "p_value", "reading", "points_needed"]
 CHECKPOINTS = {"best": "selected", "last": "last"}
+ZOO_MARK = " (RobustBench)"   # after a RobustBench model's name in every table
 
 
 def parse_pairs(specs: Iterable[str]) -> list[tuple[str, str]]:
@@ -60,6 +65,25 @@ def parse_pairs(specs: Iterable[str]) -> list[tuple[str, str]]:
 def pair_specs(mapping: Mapping[str, Sequence[str]] | None) -> list[str]:
     """The 'A:B1,B2' texts of a mapping method -> baselines (the config's `report: comparisons:`)."""
     return [f"{a}:{','.join(bs)}" for a, bs in (mapping or {}).items()]
+
+
+def zoo_title(name: str) -> str:
+    """How the tables name a RobustBench model beside our methods."""
+    return f"{name}{ZOO_MARK}"
+
+
+def _zoo_baselines(evals: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> tuple[pd.DataFrame, list]:
+    """The evaluations with each zoo row copied into every (model, checkpoint, seed) of ours evaluated in
+    its dataset, eps and attack (so it pairs like a baseline of that setting), and the pairs with every
+    method A of `pairs` against every zoo model added."""
+    if evals.empty or "zoo" not in evals or not evals["zoo"].any():
+        return evals, list(pairs)
+    zoo, ours = evals[evals["zoo"].astype(bool)], evals[~evals["zoo"].astype(bool)]
+    targets = ours[["dataset", "eps", "attack", "model", "checkpoint", "seed"]].drop_duplicates()
+    copies = zoo.drop(columns=["model", "checkpoint", "seed"]).merge(targets, on=["dataset", "eps", "attack"])
+    names = list(dict.fromkeys(zoo["method"]))
+    added = [(a, z) for a in dict.fromkeys(a for a, _ in pairs) for z in names if (a, z) not in pairs]
+    return pd.concat([ours, copies[ours.columns]], ignore_index=True), list(pairs) + added
 
 
 def _by_seed(rows: pd.DataFrame) -> dict:
@@ -127,8 +151,12 @@ def compare_methods(evals: pd.DataFrame, titles: Mapping[tuple, str], pairs: Seq
     (module docstring); and notes on what could not be compared: seeds left unpaired, and, when the
     pairs were asked for (`explicit`), pairs with no evaluation of both. `evals`: the frame of
     `gmr.report.tables.load_evals`; `titles`: (dataset, model, eps, method) -> display title."""
-    rows, notes = [], []
+    rows, notes, asked = [], [], set(pairs)
     evals = evals[evals["attack"].isin(list(COMPARISON_ATTACKS))] if not evals.empty else evals
+    evals, pairs = _zoo_baselines(evals, pairs)
+    if not evals.empty and "zoo" in evals:
+        titles = {**titles, **{(r.dataset, r.model, r.eps, r.method): zoo_title(r.method)
+                               for r in evals[evals["zoo"].astype(bool)].itertuples()}}
     for a, b in pairs:
         found = False
         sub = evals[evals["method"].isin([a, b])] if not evals.empty else evals
@@ -145,7 +173,7 @@ def compare_methods(evals: pd.DataFrame, titles: Mapping[tuple, str], pairs: Seq
                 notes.append(f"{where}: " + "; ".join(skipped) + ".")
             if seeds:
                 rows.append(_row(key, a, b, titles, seeds, arr_a, arr_b, confidence))
-        if explicit and not found:
+        if explicit and not found and (a, b) in asked:
             notes.append(f"{a} vs {b}: no setting has evaluations of both under PGD or AutoAttack.")
     return _sorted(pd.DataFrame(rows, columns=COLUMNS)), notes
 
@@ -200,6 +228,9 @@ def format_comparisons(t: pd.DataFrame, skipped: Sequence[str] = ()) -> tuple[pd
              "detectable difference at this n, with about how many points would decide it if the observed "
              "rates held."]
     notes += setting_notes(setting)
+    if not t.empty and t["title_b"].str.endswith(ZOO_MARK).any():
+        notes.append("RobustBench rows: a model of the RobustBench zoo (its own architecture and training, "
+                     "see the robustness table) on the same points, paired with each seed of A.")
     if t.empty:
         notes.append("No pair of methods was evaluated on the same points under PGD or AutoAttack.")
     notes += list(skipped)

@@ -28,7 +28,9 @@ function takes the dataset as a second argument. The tables, in registration ord
                           checks and key probe values
 
 Evaluations and audits name the `run_id` of the run they measured; that id, and nothing else, links
-them to the run directories given. Methods appear with their registered titles, in registration order
+them to the run directories given. Records of a RobustBench model (`gmr evaluate --zoo`, `gmr diagnose
+--zoo`: a `zoo` object, no run directory) join the robustness, comparisons and masking tables as rows of
+their own, named "<zoo name> (RobustBench)", with their architecture and the checkpoint "published". Methods appear with their registered titles, in registration order
 (gmr/methods.py); models with their registered titles; budgets as their dataset writes them.
 """
 from __future__ import annotations
@@ -48,20 +50,21 @@ from ..models import model_title
 from ..registry import Registry
 from ..runs import RunDir, RunError, run_warnings
 from ..stats import CONFIDENCE, accuracy_interval, aggregate_seeds
-from .comparisons import DEFAULT_PAIRS, compare_methods, format_comparisons
+from .comparisons import DEFAULT_PAIRS, compare_methods, format_comparisons, zoo_title
 from .reference import compare, format_comparison
 from .render import Formatted, Table, drop_constant, missing, num, pct_interval, setting_notes, write_tables
 
 # Evaluation attacks in table order, with their column titles (other attacks follow, by name).
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "rfgsm": "R-FGSM", "ifgsm": "I-FGSM", "pgd": "PGD",
                  "pgd_cw": "PGD-CW", "autoattack": "AutoAttack"}
-CHECKPOINT_TITLES = {"best": "selected", "last": "last"}
+CHECKPOINT_TITLES = {"best": "selected", "last": "last", "published": "published"}
+CHECKPOINT_ORDER = {"best": 0, "last": 1, "published": 2}
 KEYS = ["dataset", "model", "eps", "method"]
 AUDIT_VALUES = ("clean_accuracy", "fgsm_accuracy", "pgd_accuracy", "fgsm_pgd_accuracy_gap",
                 "gradient_alignment", "fgsm_rfgsm_logit_distance", "fgsm_loss_nonmonotone")
 EVAL_COLUMNS = ["run_id", "checkpoint", "attack", "accuracy", "n_correct", "ci_low", "ci_high", "interval_method",
                 "n_examples", "test_points", "dataset", "model", "method", "seed", "eps", "steps", "file",
-                "correct"]
+                "correct", "zoo", "published_clean", "published_robust"]
 # The schema (gmr/schemas/<name>.schema.json) of each kind of record the report layer reads.
 RECORD_SCHEMAS = {"evaluation": "eval", "audit": "audit"}
 ONE_SEED = "wilson, 1 seed: no seed-to-seed spread"   # gmr.stats.aggregate_seeds says the same
@@ -133,10 +136,15 @@ def writable_dir(out: str | Path) -> Path:
         raise TableInputError(str(err)) from None
 
 
+def _zoo(record: dict) -> bool:
+    """Whether a record measured a RobustBench model (it carries the `zoo` object of gmr/zoo.py)."""
+    return isinstance(record.get("zoo"), dict)
+
+
 def check_link(record: dict, path: str | Path, run_ids: set[str] | None, kind: str) -> None:
-    """The record must name one of the runs given (all pass when `run_ids` is None); TableInputError
-    naming the file otherwise."""
-    if run_ids is not None and record["run_id"] not in run_ids:
+    """The record must name one of the runs given (all pass when `run_ids` is None; a RobustBench model's
+    record has no run directory); TableInputError naming the file otherwise."""
+    if run_ids is not None and record["run_id"] not in run_ids and not _zoo(record):
         raise TableInputError(f"{kind} file {path} measured run {record['run_id']}, which is none of the runs "
                               "given; pass its run directory too")
 
@@ -228,6 +236,7 @@ def _correct(f, arrays: dict | None, res: dict, n: int) -> np.ndarray | None:
 
 def _eval_rows(f: str | Path, rec: dict) -> list[dict]:
     rows, arrays = [], per_example_arrays(f, rec)
+    published = rec["zoo"] if _zoo(rec) else {}
     for attack, res in rec["attacks"].items():
         if not isinstance(res, dict) or res.get("accuracy") is None:
             continue
@@ -244,7 +253,9 @@ def _eval_rows(f: str | Path, rec: dict) -> list[dict]:
                      # the record's budget: per-attack entries may carry their own (clean: 0)
                      "eps": float(rec["eps"] if rec.get("eps") is not None else res["eps"]),
                      "steps": int(params["steps"]) if "steps" in params else None, "file": str(f),
-                     "correct": _correct(f, arrays, res, n)})
+                     "correct": _correct(f, arrays, res, n), "zoo": _zoo(rec),
+                     "published_clean": published.get("published_clean_accuracy"),
+                     "published_robust": published.get("published_robust_accuracy")})
     return rows
 
 
@@ -293,7 +304,7 @@ def load_audits(files: Iterable[str | Path], run_ids: set[str] | None = None) ->
         failed = [c["name"] for c in audit["checks"] if c.get("passed") is False]
         rows.append({"run_id": audit["run_id"], "checkpoint": audit["checkpoint"],
                      "dataset": audit["dataset"], "model": audit["model"], "eps": float(audit["eps"]),
-                     "method": audit["method"], "seed": audit.get("train_seed"),
+                     "method": audit["method"], "seed": audit.get("train_seed"), "zoo": _zoo(audit),
                      "masking": audit["verdict"]["masking"], "failed": failed,
                      **{k: summary.get(k) for k in AUDIT_VALUES}})
     return pd.DataFrame(rows)
@@ -370,11 +381,15 @@ def _sort(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
             .reset_index(drop=True))
 
 
-def _titles(runs: pd.DataFrame) -> dict[tuple, str]:
-    """(dataset, model, eps, method) -> display name with the runs' options, e.g. "PGD-10 AT"."""
-    if runs.empty:
-        return {}
-    return {tuple(k): t for k, t in runs.groupby(KEYS)["method_title"].first().items()}
+def _titles(runs: pd.DataFrame, *records: pd.DataFrame) -> dict[tuple, str]:
+    """(dataset, model, eps, method) -> display name with the runs' options, e.g. "PGD-10 AT"; for the
+    RobustBench models among `records` (evaluation or audit rows), "<name> (RobustBench)"."""
+    titles = {} if runs.empty else {tuple(k): t for k, t in runs.groupby(KEYS)["method_title"].first().items()}
+    for frame in records:
+        if not frame.empty and "zoo" in frame:
+            titles.update({(r.dataset, r.model, r.eps, r.method): zoo_title(r.method)
+                           for r in frame[frame["zoo"].astype(bool)].itertuples()})
+    return titles
 
 
 def _setting_columns(t: pd.DataFrame) -> dict[str, list]:
@@ -444,14 +459,14 @@ def robustness(results: Results, dataset: str) -> pd.DataFrame:
         ev = ev.join(results.runs.set_index("run_id")[["co"]], on="run_id")
     else:
         ev = ev.assign(co=float("nan"))
-    group, attacks, titles = KEYS + ["checkpoint"], _attacks(results.evals), _titles(results.runs)
+    group, attacks, titles = KEYS + ["checkpoint"], _attacks(results.evals), _titles(results.runs, results.evals)
     rows = []
     for key, g in ev.groupby(group, sort=False):
         row = dict(zip(group, key))
         row["method_title"] = titles.get(tuple(key[:4]), method_title(row["method"]))
         rows.append({**row, **_seed_summary(g, attacks)})
     table = pd.DataFrame(rows)
-    table["_c"] = table["checkpoint"].map({"best": 0, "last": 1})
+    table["_c"] = table["checkpoint"].map(CHECKPOINT_ORDER)
     return _sort(table, ["_c"]).drop(columns="_c")
 
 
@@ -517,7 +532,25 @@ def format_robustness(dataset: str, t: pd.DataFrame) -> tuple[pd.DataFrame, list
 def robustness_table(results: Results, dataset: str) -> Parts:
     t = robustness(results, dataset)
     frame, notes = format_robustness(dataset, t)
-    return t, frame, notes + warning_notes(results.runs, dataset)
+    return t, frame, notes + zoo_notes(results.evals, dataset) + warning_notes(results.runs, dataset)
+
+
+def zoo_notes(evals: pd.DataFrame, dataset: str) -> list[str]:
+    """What the RobustBench rows are, with the accuracies the leaderboard publishes for each model."""
+    if evals.empty or "zoo" not in evals:
+        return []
+    zoo = evals[(evals["dataset"] == dataset) & evals["zoo"].astype(bool)].drop_duplicates("method")
+    if zoo.empty:
+        return []
+    def pct(v) -> str:
+        return "–" if v is None or missing(v) else f"{100 * v:.2f}"
+
+    published = "; ".join(f"{r.method}: clean {pct(r.published_clean)}, AutoAttack {pct(r.published_robust)}"
+                          for r in zoo.itertuples())
+    return ["RobustBench rows: models of the RobustBench zoo (robustbench.utils.load_model), evaluated here "
+            "by the same attacks on the same test points as our runs; one set of published weights, so no "
+            "seeds and no training log (CO rate –). Their leaderboard numbers (%, AutoAttack on the first "
+            f"10,000 test points): {published}."]
 
 
 def warning_notes(runs: pd.DataFrame, dataset: str) -> list[str]:
@@ -543,7 +576,7 @@ def warning_notes(runs: pd.DataFrame, dataset: str) -> list[str]:
             "FGSM-AT, R-FGSM-AT and PGD-AT).")
 def comparisons_table(results: Results) -> Parts:
     pairs = results.pairs if results.pairs is not None else DEFAULT_PAIRS
-    t, skipped = compare_methods(results.evals, _titles(results.runs), pairs, CONFIDENCE,
+    t, skipped = compare_methods(results.evals, _titles(results.runs, results.evals), pairs, CONFIDENCE,
                                  explicit=results.pairs is not None)
     return (t, *format_comparisons(t, skipped))
 
@@ -553,12 +586,12 @@ def comparisons_table(results: Results) -> Parts:
 
 @register_table(
     "reference", title="Published reference numbers",
-    caption="Published numbers (CIFAR-10, Linf 8/255, ResNet-18: Sriramanan et al. NeurIPS 2020/2021; "
-            "RobustBench cards; MNIST small CNN from the AutoAttack README) beside ours where dataset, eps, "
-            "architecture and method match, with deltas (ours − published, points). Empty cells: this study "
-            "has no run in that setting (config/paper-cifar10.yaml trains the matching ResNet-18 runs).")
+    caption="Published numbers in this study's settings (dataset and eps): CIFAR-10 Linf 8/255 (Sriramanan "
+            "et al. NeurIPS 2020 and NuAT 2021, RobustBench cards, FastAT Benchmark) and MNIST Linf 0.3 "
+            "(AutoAttack README), with ours beside those whose architecture, method and method title match "
+            "and deltas (ours − published, points); matched rows first.")
 def reference_table(results: Results) -> Parts:
-    t = compare(results.evals)
+    t = compare(results.evals, titles=_titles(results.runs, results.evals))
     return (t, *format_comparison(t))
 
 
@@ -637,7 +670,7 @@ def masking(audits: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     audits failed each, and the mean of the key probe values."""
     if audits.empty:
         return pd.DataFrame(columns=MASKING_COLUMNS)
-    titles = _titles(runs)
+    titles = _titles(runs, audits)
     rows = []
     for key, g in audits.groupby(KEYS + ["checkpoint"], sort=False):
         counts = g["masking"].value_counts()
@@ -675,6 +708,9 @@ def masking_table(results: Results) -> Parts:
              "and the mean of key probes (FGSM − PGD accuracy gap, gradient alignment "
              "E cos(grad(x), grad(x + eta)), mean squared FGSM vs R-FGSM logit distance)."]
     notes += setting_notes(setting)
+    if "zoo" in results.audits and results.audits["zoo"].astype(bool).any():
+        notes.append("RobustBench rows: models of the RobustBench zoo audited by the same probes on the same "
+                     "points (no training log: no catastrophic-overfitting check).")
     if t.empty:
         notes.append("No audits were run (diagnose disabled in the config).")
     return t, df, notes

@@ -50,3 +50,55 @@ rule diagnose:
     shell:
         "{GMR} diagnose --run {params.run:q} --out {params.out:q} {params.args} --threads {threads} "
         "> {log:q} 2>&1"
+
+
+# The masking audit of each RobustBench model of an experiment (`gmr diagnose --zoo`), with the
+# experiment's diagnose settings and the zoo model's AutoAttack evaluation (else its white-box one).
+
+ZOO_DIAG_DIR = R + "/diagnostics/{exp}/zoo/{zoo}/eps{eps}"
+
+
+def zoo_audited(entry) -> bool:
+    return EXPERIMENTS[entry.exp]["diagnose"]["enabled"]
+
+
+def all_zoo_audits() -> list[str]:
+    return [(ZOO_DIAG_DIR + "/audit.json").format(**e.wildcards) for e in all_zoo_entries() if zoo_audited(e)]
+
+
+def _zoo_diagnose_inputs(wc):
+    evals = zoo_evaluations(ZooEntry(wc.exp, wc.zoo, wc.eps))
+    return {"data": _zoo_data(wc), "evals": [f for f in evals if f.endswith("-autoattack.json")][:1] or evals[:1]}
+
+
+def _zoo_diagnose_args(wc, input) -> str:
+    d = experiment(wc)["diagnose"]
+    args = ["--n-test", str(d["n_test"]), "--seed", str(d["seed"]), "--device", config["device"]]
+    if d["n_curve"]:
+        args += ["--n-curve", str(d["n_curve"])]
+    if d["quick"]:
+        args.append("--quick")
+    for f in input.evals:
+        args += ["--eval", f]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+rule zoo_diagnose:
+    input:
+        unpack(_zoo_diagnose_inputs),
+    output:
+        audit=ZOO_DIAG_DIR + "/audit.json",
+    log:
+        ZOO_LOG.format(rule="zoo_diagnose", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".log",
+    benchmark:
+        ZOO_BENCH.format(rule="zoo_diagnose", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".tsv"
+    params:
+        subject=_zoo_subject_args,
+        out=lambda wc, output: os.path.dirname(output.audit),
+        args=_zoo_diagnose_args,
+    priority: 1
+    threads: resources("diagnose")["threads"]
+    resources:
+        **job_resources("diagnose"),
+    shell:
+        "{GMR} diagnose {params.subject} --out {params.out:q} {params.args} --threads {threads} > {log:q} 2>&1"

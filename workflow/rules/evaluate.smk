@@ -87,3 +87,93 @@ rule autoattack:
     shell:
         "{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} {params.reuse} "
         "--threads {threads} --out {output.json:q} > {log:q} 2>&1"
+
+
+# RobustBench models (`zoo_models:` of an experiment): the same white-box suite and AutoAttack, on the same
+# test points and at each budget of the experiment, on the zoo model's published weights (`gmr evaluate
+# --zoo`; a checkpoint missing from `zoo: model_dir:` is downloaded by the job).
+
+ZOO_EVAL_DIR = R + "/eval/{exp}/zoo/{zoo}/eps{eps}"
+ZOO_LOG = R + "/logs/{rule}/{exp}/zoo/{zoo}/eps{eps}"
+ZOO_BENCH = R + "/benchmarks/{rule}/{exp}/zoo/{zoo}/eps{eps}"
+
+
+class ZooEntry(NamedTuple):
+    exp: str
+    zoo: str
+    eps: str      # label
+
+    @property
+    def wildcards(self) -> dict:
+        return dict(exp=self.exp, zoo=self.zoo, eps=self.eps)
+
+
+def all_zoo_entries() -> list[ZooEntry]:
+    return [ZooEntry(name, model, label) for name, exp in EXPERIMENTS.items()
+            for model in exp["zoo_models"] for label in exp["eps"]]
+
+
+def zoo_evaluations(entry: ZooEntry) -> list[str]:
+    """The evaluation files of a zoo model: white-box, and AutoAttack where the experiment runs it."""
+    files = [(ZOO_EVAL_DIR + "/published.json").format(**entry.wildcards)]
+    if EXPERIMENTS[entry.exp]["evaluate"]["autoattack"]["n_test"] != 0:
+        files.append((ZOO_EVAL_DIR + "/published-autoattack.json").format(**entry.wildcards))
+    return files
+
+
+def all_zoo_evaluations() -> list[str]:
+    return [f for e in all_zoo_entries() for f in zoo_evaluations(e)]
+
+
+def _zoo_subject_args(wc) -> str:
+    exp = experiment(wc)
+    if wc.zoo not in exp["zoo_models"] or wc.eps not in exp["eps"]:
+        raise ValueError(f"no zoo model {wc.zoo} at eps{wc.eps} in experiment {wc.exp}")
+    return " ".join(shlex.quote(a) for a in [
+        "--zoo", wc.zoo, "--dataset", exp["dataset"], "--model-dir", config["zoo"]["model_dir"],
+        "--data-root", config["data_root"], "--eps", repr(exp["eps"][wc.eps])])
+
+
+def _zoo_data(wc) -> str:
+    return f"{R}/data/{experiment(wc)['dataset']}.txt"
+
+
+rule zoo_evaluate:
+    input:
+        _zoo_data,
+    output:
+        json=ZOO_EVAL_DIR + "/published.json",
+        npz=ZOO_EVAL_DIR + "/published.npz",
+    log:
+        ZOO_LOG.format(rule="zoo_evaluate", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".log",
+    benchmark:
+        ZOO_BENCH.format(rule="zoo_evaluate", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".tsv"
+    params:
+        subject=_zoo_subject_args,
+        args=_whitebox_args,
+    threads: resources("evaluate")["threads"]
+    resources:
+        **job_resources("evaluate"),
+    shell:
+        "{GMR} evaluate {params.subject} {params.args} --threads {threads} --out {output.json:q} > {log:q} 2>&1"
+
+
+rule zoo_autoattack:
+    input:
+        _zoo_data,
+    output:
+        json=ZOO_EVAL_DIR + "/published-autoattack.json",
+        npz=ZOO_EVAL_DIR + "/published-autoattack.npz",
+    log:
+        ZOO_LOG.format(rule="zoo_autoattack", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".log",
+    benchmark:
+        ZOO_BENCH.format(rule="zoo_autoattack", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".tsv"
+    params:
+        subject=_zoo_subject_args,
+        args=_autoattack_args,
+    priority: 1
+    threads: resources("autoattack")["threads"]
+    resources:
+        **job_resources("autoattack"),
+    shell:
+        "{GMR} evaluate {params.subject} {params.args} --threads {threads} --out {output.json:q} > {log:q} 2>&1"

@@ -5,7 +5,8 @@
 # NAME.rst: the table's registered title and caption, which the report shows beside NAME.html.
 # The tables read each evaluation's per-example .npz (intervals, paired comparisons), so those are inputs
 # too; the comparisons table compares the pairs of the config's `report: comparisons:` (see
-# _comparisons_arg).
+# _comparisons_arg). The RobustBench models of `zoo_models:` join the tables (their evaluations and
+# audits; their rows are marked "(RobustBench)"), not the figures, which follow our runs' training.
 
 from gmr.report.render import FORMATS as TABLE_FORMATS
 from gmr.report.comparisons import pair_specs
@@ -45,7 +46,7 @@ def _quoted(files) -> str:
 
 def _per_example_files() -> list[str]:
     # the .npz beside each evaluation (same stem): the tables' intervals and comparisons read them
-    return [os.path.splitext(f)[0] + ".npz" for f in all_evaluations()]
+    return [os.path.splitext(f)[0] + ".npz" for f in all_evaluations() + all_zoo_evaluations()]
 
 
 def _comparisons_arg() -> str:
@@ -58,9 +59,9 @@ def _comparisons_arg() -> str:
 rule tables:
     input:
         runs=all_run_jsons(),
-        evals=all_evaluations(),
+        evals=all_evaluations() + all_zoo_evaluations(),
         per_example=_per_example_files(),
-        audits=all_audits(),
+        audits=all_audits() + all_zoo_audits(),
     output:
         **_table_outputs(),
     log:
