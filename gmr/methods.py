@@ -388,5 +388,335 @@ def sat_r3(model, x, y, eps, o: SATR3Options) -> StepOutput:
     return StepOutput(ce_high + o.lambda_ * reg, logits[:b], y, {"ce": ce_high.detach(), "reg": reg.detach()})
 
 
+# --------------------------------------------------------------------------------------------------
+# Fast-AT methods of the FastAT Benchmark's list (issue 13), each following its official repository.
+
+def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example vector shaped to broadcast against a batch of inputs."""
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class ZeroGradOptions:
+    quantile: Fraction = 0.35        # per example, input-gradient components below this quantile of |g| are zeroed
+    step_factor: PositiveFloat = 2.0  # step = step_factor * eps from the start, then projection (fgsm-alpha 2)
+
+
+@register_method("zerograd", ZeroGradOptions, cost=lambda o, b: PassCount(2, 2), title="ZeroGrad",
+                 color="#393b79", attack_bn="train",
+                 description="ZeroGrad (Golgooni et al. 2023): FGSM from a uniform start, the smallest "
+                             "input-gradient components of each example zeroed",
+                 defaults={"mnist": {"quantile": 0.35}, "cifar": {"quantile": 0.35}},
+                 source="rohban-lab/catastrophic_overfitting train_cifar.py:55-70 (zero_grad), :167,171,173 "
+                        "(fgsm-alpha 2 x eps, zero-qval 0.35, random init), :265-288 (attack in train mode); "
+                        "CIFAR-100 q 0.45 (train_cifar100.py:152), SVHN 0.7 (train_svhn.py:172); no MNIST "
+                        "value is published: 0.35 (the CIFAR-10 value)")
+def zerograd(model, x, y, eps, o: ZeroGradOptions) -> StepOutput:
+    """As zero_grad (train_cifar.py:55-70): a start U(-eps, eps) kept in [0, 1], the gradient there in
+    train mode, components with |g| under the example's `quantile` of |g| set to zero (so their pixels
+    do not move), a sign step of 2 eps, projection to the eps-ball and [0, 1]. Why: small gradient
+    components are the ones whose sign flips first when the loss surface curves, the paper's cause of
+    catastrophic overfitting."""
+    x_start = (x + _uniform_like(x, -eps, eps, None)).clamp(0, 1)
+    with bn_mode(model, "train"):
+        grad, _ = input_gradient(model, x_start, y)
+    threshold = torch.quantile(grad.abs().flatten(1), o.quantile, dim=1)
+    grad = torch.where(grad.abs() < _per_example(threshold, grad), torch.zeros_like(grad), grad)
+    return _ce_step(model, project(x_start + o.step_factor * eps * grad.sign(), x, eps), y)
+
+
+@dataclass
+class MultiGradOptions:
+    samples: PositiveInt = 3           # random starts whose gradient signs are compared (multi-samps)
+    agree: PositiveInt | None = None   # a component moves when this many signs agree (None: all; multi-th)
+    step_factor: PositiveFloat = 2.0   # step = step_factor * eps from x, clipped to the eps-ball
+    parallel: bool = False             # one forward of all starts (multi-parallel; off in the README runs)
+
+
+@register_method("multigrad", MultiGradOptions, cost=lambda o, b: PassCount(o.samples + 1, o.samples + 1),
+                 title="MultiGrad", color="#637939", attack_bn="train",
+                 description="MultiGrad (Golgooni et al. 2023): FGSM from x along the input-gradient signs "
+                             "that agree at several random starts",
+                 defaults={"mnist": {"samples": 3}, "cifar": {"samples": 3}},
+                 source="rohban-lab/catastrophic_overfitting train_cifar.py:72-103 (multi_grad), :167-170 "
+                        "(fgsm-alpha 2 x eps, 3 samples, threshold = samples, sequential by default), "
+                        ":265-288 (train mode); README commands (3 samples on CIFAR-10/100, SVHN); no MNIST "
+                        "value is published: 3")
+def multigrad(model, x, y, eps, o: MultiGradOptions) -> StepOutput:
+    """As multi_grad (train_cifar.py:72-103): gradients in train mode at `samples` starts U(-eps, eps)
+    kept in [0, 1]; their signs summed; a component whose |sum| is below 2 agree - samples (all
+    samples must agree by default) is zeroed; the step starts from x itself (not from a start) and is
+    clipped to the eps-ball and [0, 1]."""
+    agree = o.samples if o.agree is None else o.agree
+    if agree > o.samples:
+        raise ValueError(f"multigrad: agree ({agree}) must be at most samples ({o.samples})")
+    xs = torch.cat([x] * o.samples) if o.parallel else None
+    signs = torch.zeros_like(x)
+    with bn_mode(model, "train"):
+        if o.parallel:
+            grad, _ = input_gradient(model, (xs + _uniform_like(xs, -eps, eps, None)).clamp(0, 1),
+                                     torch.cat([y] * o.samples))
+            signs = grad.sign().view(o.samples, *x.shape).sum(0)
+        else:
+            for _ in range(o.samples):
+                grad, _ = input_gradient(model, (x + _uniform_like(x, -eps, eps, None)).clamp(0, 1), y)
+                signs = signs + grad.sign()
+    signs = torch.where(signs.abs() < 2 * agree - o.samples, torch.zeros_like(signs), signs)
+    return _ce_step(model, project(x + o.step_factor * eps * signs.sign(), x, eps), y)
+
+
+# GAT and NuAT (val-iisc) share one attack: a clean forward gives the target, a Bernoulli start of
+# +-noise_factor * eps, one eps sign step on CE plus a relaxation term, projection to the eps-ball.
+
+def _relax_this_batch(rate: float) -> bool:
+    """Whether this batch's attack includes the relaxation term. The official CIFAR-10 code turns it on
+    in alternate batches (counter % 2); a method sees no batch index, so a batch draws it with
+    probability `rate` from the global generator (resumed exactly with the trainer's RNG state)."""
+    if rate >= 1:
+        return True
+    return rate > 0 and bool(torch.rand(()) < rate)
+
+
+def _guided_attack(model, x, y, eps, noise_factor: float, relax: Callable | None) -> torch.Tensor:
+    """x_adv: the clean logits in eval mode without gradient (the target of the
+    relaxation term), a start clip(x + noise_factor eps sign(0.5 - U)), the gradient in eval mode of
+    sum CE + relax(logits) there (the official batch means times B: same signs), one eps sign step,
+    clipped to [0, 1], projected to the eps-ball and [0, 1] (GAT_cifar10.py:188-200)."""
+    with torch.no_grad(), bn_mode(model, "eval"):
+        z_clean = model(x)
+    x_start = (x + noise_factor * eps * torch.sign(0.5 - torch.rand_like(x))).clamp(0, 1)
+    x_start.requires_grad_(True)
+    with torch.enable_grad(), bn_mode(model, "eval"):
+        logits = model(x_start)
+        value = F.cross_entropy(logits, y, reduction="sum")
+        if relax is not None:
+            value = value + relax(logits, z_clean)
+        (grad,) = torch.autograd.grad(value, x_start)
+    x_step = (x_start.detach() + eps * grad.sign()).clamp(0, 1)
+    return project(x_step, x, eps)
+
+
+def _softmax_distance(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """Per-example squared L2 distance between the softmax outputs (GAT's relaxation term)."""
+    return (F.softmax(z_a, dim=1) - F.softmax(z_b, dim=1)).pow(2).sum(1)
+
+
+@dataclass
+class GATOptions:
+    lambda_: NonNegativeFloat = 10.0       # l2_reg: weight of the softmax distance, in the attack and the loss
+    noise_factor: NonNegativeFloat = 0.5   # Bernoulli start +-noise_factor * eps (B_val)
+    relax_rate: Fraction = 0.5             # fraction of batches whose attack has the relaxation term
+
+
+@register_method("gat", GATOptions, cost=lambda o, b: PassCount(4, 3), title="GAT", color="#8c6d31",
+                 description="GAT (Sriramanan et al. 2020): guided single-step attack; CE(x) + lambda "
+                             "||softmax(x) - softmax(x_adv)||^2",
+                 defaults={"mnist": {"lambda_": 15.0, "noise_factor": 1.0, "relax_rate": 1.0},
+                           "cifar": {"lambda_": 10.0, "noise_factor": 0.5, "relax_rate": 0.5}},
+                 source="val-iisc/GAMA-GAT CIFAR10/GAT_cifar10.py:43-50,90-104,184-218 (l2_reg 10, B_val "
+                        "4/255, Feps 8/255, relaxation on alternate batches :195, attack in eval mode :194); "
+                        "MNIST/GAT-MNIST.py:40-47,86-100,167-202 (l2_reg 15, B_val 0.3, every batch); "
+                        "lambda x4 at epoch 85 (CIFAR :249-254), x3 at the lr drop (MNIST :227-231): the trainer's")
+def gat(model, x, y, eps, o: GATOptions) -> StepOutput:
+    """Guided Adversarial Training. The attack maximises CE + lambda ||P(x) - softmax(z(x~))||^2 from a
+    Bernoulli start in eval mode; the update minimises CE(x) + lambda mean ||softmax(z(x)) -
+    softmax(z(x_adv))||^2 in train mode. Differences from the official code, only for BatchNorm
+    models (the MNIST network has none): the target P(x) comes from an eval-mode forward (the official
+    one is a train-mode forward before the attack), and x_adv and x share one train-mode forward (two
+    in the official code), because a method's last forward is its only train-mode one here. The
+    official lambda grows during training (x4 at CIFAR epoch 85; x3 at MNIST's lr drop): that needs the
+    epoch, which the trainer holds; this is the constant-lambda form."""
+    b = len(x)
+    relax = None
+    if _relax_this_batch(o.relax_rate):
+        def relax(logits, z_clean):
+            return o.lambda_ * _softmax_distance(z_clean, logits).sum()
+    x_adv = _guided_attack(model, x, y, eps, o.noise_factor, relax)
+    logits = model(torch.cat([x_adv, x]))
+    z_adv, z_clean = logits[:b], logits[b:]
+    ce = F.cross_entropy(z_clean, y)
+    reg = _softmax_distance(z_clean, z_adv).mean()
+    return StepOutput(ce + o.lambda_ * reg, z_adv, y, {"ce": ce.detach(), "reg": reg.detach()})
+
+
+@dataclass
+class NuATOptions:
+    lambda_: NonNegativeFloat = 4.5        # Nuc_max: weight of the nuclear norm, in the attack and the loss
+    noise_factor: NonNegativeFloat = 0.5   # Bernoulli start +-noise_factor * eps (B_val 4/255 at 8/255)
+    relax_rate: Fraction = 0.5             # fraction of batches whose attack has the nuclear-norm term
+
+
+def _nuclear(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """||z_a - z_b||_*: the sum of singular values of the B x classes difference of logits."""
+    return torch.linalg.matrix_norm(z_a - z_b, ord="nuc")
+
+
+@register_method("nuat", NuATOptions, cost=lambda o, b: PassCount(4, 3), title="NuAT", color="#843c39",
+                 description="NuAT (Sriramanan et al. 2021): nuclear-norm guided single-step attack; "
+                             "CE(x) + lambda ||z(x) - z(x_adv)||_* / B",
+                 defaults={"mnist": {"lambda_": 4.5, "noise_factor": 0.5, "relax_rate": 0.5},
+                           "cifar": {"lambda_": 4.5, "noise_factor": 0.5, "relax_rate": 0.5}},
+                 source="val-iisc/NuAT CIFAR10/NuAT_cifar10.py:35-43,102-119,197-237,274-275 (Nuc_max 4.5, "
+                        "B_val 4/255, Feps 8/255, nuclear term on alternate batches :215, attack in eval "
+                        "mode :213; lambda ramps 0 -> Nuc_max over epochs 0..E-10: the trainer's); no MNIST "
+                        "code or value is published: the CIFAR-10 values, noise relative to eps")
+def nuat(model, x, y, eps, o: NuATOptions) -> StepOutput:
+    """Nuclear Norm Adversarial Training, single step (NuAT_cifar10.py:204-237): the attack maximises
+    CE + lambda ||z(x) - z(x~)||_* / B from a Bernoulli start in eval mode; the update minimises
+    CE(x) + lambda ||z(x) - z(x_adv)||_* / B in train mode (B: this batch's size; the official code
+    divides by the nominal 64 even in the short last batch). The official lambda rises linearly from
+    0 at epoch 0 to Nuc_max at epoch E-10 (:197, :274-275); a method does not see the epoch, so this
+    is the constant-lambda form at Nuc_max, and the ramp is left to the trainer. BatchNorm models
+    differ from the official code as in GAT (eval-mode target, one shared update forward)."""
+    b = len(x)
+    relax = None
+    if _relax_this_batch(o.relax_rate):
+        def relax(logits, z_clean):
+            return o.lambda_ * _nuclear(z_clean, logits)
+    x_adv = _guided_attack(model, x, y, eps, o.noise_factor, relax)
+    logits = model(torch.cat([x_adv, x]))
+    z_adv, z_clean = logits[:b], logits[b:]
+    ce = F.cross_entropy(z_clean, y)
+    reg = _nuclear(z_clean, z_adv) / b
+    return StepOutput(ce + o.lambda_ * reg, z_adv, y, {"ce": ce.detach(), "reg": reg.detach()})
+
+
+@dataclass
+class ELLEOptions:
+    lambda_: NonNegativeFloat | None = None   # None: the official scripts' value for eps (`elle_lambda`)
+
+
+def elle_lambda(eps: float) -> float:
+    """ELLE's lambda by eps as the official CIFAR-10 scripts set it (scripts/run_elle_cifar10.sh): 1000
+    for eps <= 8/255, 5000 for 10/255 ... 20/255, 10000 for 22/255 ... 26/255 (eps between two
+    published values takes the lower step's lambda; beyond 26/255, 10000, which no published run checks)."""
+    in_255ths = eps * 255
+    if in_255ths <= 8 + 1e-6:
+        return 1000.0
+    return 5000.0 if in_255ths <= 20 + 1e-6 else 10000.0
+
+
+@register_method("elle", ELLEOptions, cost=lambda o, b: PassCount(5, 5), title="ELLE", color="#7b4173",
+                 attack_bn="train", defaults={"mnist": {"lambda_": 1000.0}},
+                 description="ELLE (Abad Rocamora et al. 2024): FGSM-AT + lambda * local linearity error "
+                             "of the loss on random triplets in the eps-ball",
+                 source="LIONS-EPFL/ELLE core/utils/train.py:288-339 (loss: FGSM from x, no clipping; "
+                        "triplet x_a, x_b ~ x + U(-eps, eps), x_c between, one forward), :132-137 (train "
+                        "mode); lambda by eps: scripts/run_elle_cifar10.sh; no MNIST value is published: "
+                        "1000 (the CIFAR-10 value at 8/255)")
+def elle(model, x, y, eps, o: ELLEOptions) -> StepOutput:
+    """As the official loss() with reg 'ELLE' and the scripts' flags (attack-iter 1, step eps,
+    input_noise_rate 0, clamp off): x_adv = x + eps sign(grad CE at x) in train mode, not clipped to
+    [0, 1]; x_a, x_b = x + U(-eps, eps) (not clipped), x_c = (1 - a) x_a + a x_b with a ~ U(0, 1) per
+    example; the penalty is the mean squared gap between CE(x_c) and (1 - a) CE(x_a) + a CE(x_b),
+    gradients through all three (train.py:325-339). Not reproduced: the official trainer steps the
+    optimizer twice per batch (train.py:231, :237) and runs a clean forward for its log (:362); ELLE-A
+    (the adaptive lambda, which keeps the history of the error over training) needs per-run state in
+    the trainer and is not this method."""
+    lam = elle_lambda(eps) if o.lambda_ is None else o.lambda_
+    b = len(x)
+    with bn_mode(model, "train"):
+        grad, _ = input_gradient(model, x, y)
+    out = _ce_step(model, x + eps * grad.sign(), y)
+    x_ab = torch.cat([x, x])
+    x_ab = x_ab + eps * (2 * torch.rand_like(x_ab) - 1)
+    a = torch.rand(b, dtype=x.dtype, device=x.device)
+    x_c = (1 - _per_example(a, x)) * x_ab[:b] + _per_example(a, x) * x_ab[b:]
+    losses = F.cross_entropy(model(torch.cat([x_ab, x_c])), torch.cat([y, y, y]), reduction="none")
+    lin_err = F.mse_loss(losses[2 * b:], (1 - a) * losses[:b] + a * losses[b:2 * b])
+    out.probes = {"ce": out.loss.detach(), "reg": lin_err.detach()}
+    out.loss = out.loss + lam * lin_err
+    return out
+
+
+@dataclass
+class AAEROptions:
+    lambda1: NonNegativeFloat = 1.0        # weight of the whole term, times the abnormal fraction
+    lambda2: NonNegativeFloat = 1.5        # weight of the abnormal examples' loss decrease
+    lambda3: NonNegativeFloat = 0.15       # weight of their logit variation beyond the normal ones'
+    noise_factor: NonNegativeFloat = 2.0   # start U(-k eps, k eps) (N-FGSM's; RS-AAER: 1)
+    step_factor: PositiveFloat = 1.0       # step = step_factor * eps (RS-AAER: 1.25)
+    projected: bool = False                # project to the eps-ball (RS-AAER: true)
+
+
+def _aaer_penalty(o: AAEROptions, ce_before, ce_after, z_start, z_adv) -> torch.Tensor:
+    """The AAER term (AAER.py:127-142): examples whose loss fell after the attack step are abnormal;
+    lambda1 * (n_abnormal / B) * (lambda2 * their mean loss decrease + lambda3 * relu(their mean
+    squared logit change - the normal examples' (a constant))). Zero unless both kinds are present."""
+    abnormal = ce_before > ce_after.detach()
+    n_abnormal = int(abnormal.sum())
+    if n_abnormal in (0, len(abnormal)):
+        return ce_after.sum() * 0.0
+    decrease = (ce_before[abnormal] - ce_after[abnormal]).sum() / n_abnormal
+    variation = (z_start[abnormal] - z_adv[abnormal]).pow(2).sum(1).mean()
+    normal = (z_start[~abnormal] - z_adv[~abnormal]).pow(2).sum(1).mean().detach()
+    return o.lambda1 * n_abnormal / len(abnormal) * (o.lambda2 * decrease + o.lambda3 * F.relu(variation - normal))
+
+
+@register_method("n_aaer", AAEROptions, cost=lambda o, b: PassCount(2, 2), title="N-AAER", color="#aec7e8",
+                 attack_bn="train",
+                 description="N-AAER (Lin et al. 2023): N-FGSM + a penalty on abnormal adversarial "
+                             "examples (loss lower after the attack step)",
+                 defaults={"mnist": {"lambda2": 1.5, "lambda3": 0.15}, "cifar": {"lambda2": 1.5, "lambda3": 0.15}},
+                 source="tmllab/2023_NeurIPS_AAER CIFAR10/AAER.py:93-153 (train mode :83; noise 2 eps, "
+                        "clamp 0, alpha 1.0 eps), utils.py:20-24 (l2_square); README: CIFAR-10/100 eps 8/255 "
+                        "lamda 1 / 1.5 / 0.15 (12/255: 5.0, 0.55; 16/255: 8.5, 1.5; 32/255: 2.75, 0.75, "
+                        "--opt lambda2=... --opt lambda3=...); no MNIST value is published: the 8/255 values")
+def n_aaer(model, x, y, eps, o: AAEROptions) -> StepOutput:
+    """As AAER.py:95-149 with the N-AAER flags: start x + U(-2 eps, 2 eps) kept in [0, 1], the gradient
+    there in train mode (its CE and logits are the 'before' values, detached), a sign step of eps, no
+    projection, [0, 1]; loss CE(x_adv) + the AAER penalty."""
+    x_start = (x + _uniform_like(x, -o.noise_factor * eps, o.noise_factor * eps, None)).clamp(0, 1)
+    with bn_mode(model, "train"):
+        grad, z_start = input_gradient(model, x_start, y)
+    z_start = z_start.detach()
+    x_adv = x_start + o.step_factor * eps * grad.sign()
+    x_adv = project(x_adv, x, eps) if o.projected else x_adv.clamp(0, 1)
+    z_adv = model(x_adv)
+    ce_after = F.cross_entropy(z_adv, y, reduction="none")
+    ce = ce_after.mean()
+    reg = _aaer_penalty(o, F.cross_entropy(z_start, y, reduction="none"), ce_after, z_start, z_adv)
+    return StepOutput(ce + reg, z_adv, y, {"ce": ce.detach(), "reg": reg.detach()})
+
+
+@dataclass
+class SSATOptions:
+    step_factor: PositiveFloat = 1.25   # FGSM-RS step = step_factor * eps (alpha 10/255 at 8/255)
+    checkpoints: PositiveInt = 3        # c: x + k (x_adv - x) / c, k = 1 .. c-1, are checked before x_adv
+
+
+@register_method("ssat", SSATOptions, cost=lambda o, b: PassCount(o.checkpoints + 1, 2), title="SSAT",
+                 color="#ffbb78",
+                 description="SSAT (Kim et al. 2021): FGSM-RS, then the smallest checked step along the "
+                             "perturbation that already misclassifies",
+                 defaults={"mnist": {"step_factor": 1.25, "checkpoints": 3},
+                           "cifar": {"step_factor": 1.25, "checkpoints": 3}},
+                 source="Harry24k/catastrophic-overfitting defenses/trainers/co_adv_trainer.py:48-160 "
+                        "(checkpoints in eval mode :80; the FFGSM attack runs through torchattacks 2.12 "
+                        "Attack.__call__, which sets eval mode), README (eps 8, alpha 10, c 3); no MNIST "
+                        "value is published: the CIFAR-10 ratios")
+def ssat(model, x, y, eps, o: SSATOptions) -> StepOutput:
+    """As COAdvTrainer._do_iter: FGSM-RS in eval mode (start U(-eps, eps) in [0, 1], step 1.25 eps,
+    projection); an example misclassified at the start trains on x itself; for the others the
+    checkpoints x + k (x_adv - x) / c are classified in eval mode and the first misclassified one
+    replaces x_adv. Every example's checkpoints are classified (the official code skips those already
+    settled: same samples, a declared cost that does not depend on the data)."""
+    x_start = (x + _uniform_like(x, -eps, eps, None)).clamp(0, 1)
+    with bn_mode(model, "eval"):
+        grad, z_start = input_gradient(model, x_start, y)
+        x_adv = project(x_start + o.step_factor * eps * grad.sign(), x, eps)
+        pert = x_adv - x
+        wrong_at_start = z_start.detach().argmax(1) != y
+        chosen = torch.where(_per_example(wrong_at_start, x), x, x_adv)
+        pending = ~wrong_at_start
+        with torch.no_grad():
+            for k in range(1, o.checkpoints):
+                x_k = x + k * (pert / o.checkpoints)
+                take = pending & (model(x_k).argmax(1) != y)
+                chosen = torch.where(_per_example(take, x), x_k, chosen)
+                pending = pending & ~take
+    return _ce_step(model, chosen.detach(), y)
+
+
 def list_methods() -> list[str]:
     return METHODS.names()
