@@ -84,7 +84,7 @@ def _add_train(sub) -> None:
     p.add_argument("--epochs", type=int); p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float); p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", help="step (paper), onecycle or constant")
+    p.add_argument("--schedule", help="step (paper), cyclic (Wong et al. 2020), onecycle or constant")
     p.add_argument("--seed", type=int); p.add_argument("--split-seed", type=int)
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. --opt lambda_=5 (see `gmr methods`)")
@@ -95,6 +95,11 @@ def _add_train(sub) -> None:
     p.add_argument("--keep-epoch-checkpoints", action="store_true", default=None)
     p.add_argument("--keep-resume-state", action="store_true", default=None,
                    help="keep checkpoint.pt (optimizer momentum, RNG states) after the last epoch")
+    p.add_argument("--precision",
+                   help="of the training step: fp32 (default), bf16, fp16 (CUDA only) or auto (bf16 where "
+                        "the device computes it natively); evaluation and probes stay fp32")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (opt-in: about 2x slower on CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -135,7 +140,8 @@ def _add_evaluate(sub) -> None:
                        description="White-box attacks, AutoAttack, transfer attacks and eps sweeps on the first "
                        "n test points; writes one JSON record (gmr/schemas/eval.schema.json) and an .npz of "
                        "per-example correctness beside it.")
-    p.add_argument("--run", required=True, help="run directory written by `gmr train`")
+    p.add_argument("--run", help="run directory written by `gmr train`")
+    _add_zoo_options(p)
     p.add_argument("--attacks", default="clean,fgsm,pgd", type=_csv_list,
                    help="comma-separated attacks (see `gmr attacks`), e.g. clean,fgsm,rfgsm,ifgsm,pgd,pgd_cw,autoattack")
     p.add_argument("--n-test", default="1000", help="first n test points in order (default 1000; all: whole set)")
@@ -176,6 +182,28 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=_cmd_card)
 
 
+def _add_zoo_options(p) -> None:
+    """A RobustBench model in place of --run (`gmr evaluate` and `gmr diagnose`; see `gmr zoo list`)."""
+    p.add_argument("--zoo", metavar="NAME", help="a RobustBench model instead of --run, e.g. Wong2020Fast "
+                   "(needs the zoo extra; see `gmr zoo list`)")
+    p.add_argument("--dataset", help="with --zoo: its dataset, e.g. cifar10")
+    p.add_argument("--threat-model", default="Linf", help="with --zoo: the zoo's threat model (Linf)")
+    p.add_argument("--model-dir", help="with --zoo: folder of RobustBench checkpoints, "
+                   "<dir>/<dataset>/<threat model>/<NAME>.pt (default ./models; a missing one is downloaded)")
+
+
+def _zoo_values(args) -> dict[str, Any]:
+    """The zoo options as config values; a zoo model's one checkpoint is `published`."""
+    checkpoint = "published" if args.zoo is not None else args.checkpoint
+    return dict(run=args.run, zoo=args.zoo, dataset=args.dataset, threat_model=args.threat_model,
+                model_dir=args.model_dir, checkpoint=checkpoint)
+
+
+def _subject(args) -> str:
+    """How the one-line summary names what was measured."""
+    return args.run if args.zoo is None else f"RobustBench {args.zoo} ({args.dataset} {args.threat_model})"
+
+
 def _attack_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in items or []:
@@ -208,7 +236,7 @@ def _eval_config(args):
     if not args.out.strip() or not out.name:
         raise UsageError(f"--out must be the path of the result's .json file, got {args.out!r}")
     return _build(EvalConfig, dict(
-        run=args.run, attacks=args.attacks, n_test=n, checkpoint=args.checkpoint, eps=args.eps,
+        **_zoo_values(args), attacks=args.attacks, n_test=n, eps=args.eps,
         eps_list=eps_list, batch_size=args.batch_size, seed=args.seed, device=args.device,
         data_root=args.data_root, attack_params=_attack_params(args.attack_param), restarts=args.restarts,
         transfer_from=args.transfer_from, transfer_checkpoint=args.transfer_checkpoint,
@@ -231,7 +259,7 @@ def _cmd_evaluate(args) -> int:
     if record["transfer"]:
         summary += "; transfer " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in record["transfer"].items())
     flags = record["attacks"].get("autoattack", {}).get("flags", [])
-    print(f"{args.run} ({args.checkpoint}, n={record['n_examples']}, eps {record['eps']:g}): {summary}; "
+    print(f"{_subject(args)} ({record['checkpoint']}, n={record['n_examples']}, eps {record['eps']:g}): {summary}; "
           f"worst case {record['worst_case']['accuracy']:.3f}"
           + (f"; AutoAttack flags: {len(flags)}" if flags else "")
           + (f"; reused {record['reused_from']}" if "reused_from" in record else "") + f" -> {out}")
@@ -268,29 +296,32 @@ def _add_listings(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    from .models import MODELS, count_parameters, create_model
+    from .models import MODELS, count_parameters, create_model, normalizes_inputs
 
-    print(f"{'model':<18}{'parameters':>12}  input shapes   description")
+    print(f"{'model':<18}{'parameters':>12}  {'input shapes':<20} {'inputs':<11} description")
     for entry in MODELS:
         sizes = entry.meta.get("input_sizes")
         ds = "mnist" if sizes == [(28, 28)] or entry.name == "tiny_cnn" else "cifar10"
         shape = "1x28x28" if ds == "mnist" else "3x32x32"
         shapes = shape if sizes else "any (3x32x32 shown)" if entry.name != "tiny_cnn" else "any"
         n = count_parameters(create_model(entry.name, ds))
-        print(f"{entry.name:<18}{n:>12,}  {shapes:<14} {entry.meta.get('description', '')}")
+        inputs = "normalised" if normalizes_inputs(entry.name) else "[0, 1] raw"
+        print(f"{entry.name:<18}{n:>12,}  {shapes:<20} {inputs:<11} {entry.meta.get('description', '')}")
     return 0
 
 
 def _cmd_methods(args) -> int:
     from .methods import METHODS, make_options, method_cost
 
-    print(f"{'method':<12}{'passes/sample':>14}  options ({args.dataset} defaults)   description")
+    print(f"{'method':<12}{'passes/sample':>14}  {'attack BN':<10} options ({args.dataset} defaults)   description")
     for entry in METHODS:
         opts = make_options(entry.name, args.dataset)
         cost = method_cost(entry.name, opts, 128)
         text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in dataclasses.asdict(opts).items())
-        print(f"{entry.name:<12}{cost.passes:>14.3g}  {text or '-':<34} {entry.obj.description}")
+        print(f"{entry.name:<12}{cost.passes:>14.3g}  {entry.obj.attack_bn:<10} {text or '-':<34} "
+              f"{entry.obj.description}")
+        print(f"{'':<12}{'':>14}  source: {entry.obj.source or '-'}")
     return 0
 
 
@@ -330,9 +361,12 @@ def _add_diagnose(sub) -> None:
     p = sub.add_parser("diagnose", help="gradient-masking probes and audit of one run",
                        description="Probe a trained run for gradient masking on the first n test points; "
                        "write audit.json (checks + verdict), one CSV per probe and figures into --out.")
-    p.add_argument("--run", required=True, help="run directory written by `gmr train`")
+    p.add_argument("--run", help="run directory written by `gmr train`")
+    _add_zoo_options(p)
     p.add_argument("--out", required=True, help="output folder (audit.json, *.csv, *.png, *.pdf)")
     p.add_argument("--checkpoint", default="best", help="best (default) or last")
+    p.add_argument("--eps", type=float, help="with --zoo: the Linf budget audited (default: the zoo's, "
+                   "8/255 on CIFAR; a run is audited at its training eps)")
     p.add_argument("--n-test", type=int, default=500, help="first n test points (default 500)")
     p.add_argument("--n-curve", type=int, help="points for the sanity curves (default 200)")
     p.add_argument("--eval", dest="eval_json", metavar="EVAL.json",
@@ -359,7 +393,7 @@ def _cmd_diagnose(args) -> int:
         settings.n_curve = args.n_curve
     if args.batch_size is not None:
         settings.batch_size = args.batch_size
-    cfg = DiagnoseConfig(run=args.run, checkpoint=args.checkpoint, n_test=args.n_test,
+    cfg = DiagnoseConfig(**_zoo_values(args), eps=args.eps, n_test=args.n_test,
                          eval_json=args.eval_json, transfer_from=args.transfer_from, seed=args.seed,
                          device=args.device, data_root=args.data_root, threads=args.threads,
                          settings=settings)
@@ -371,7 +405,7 @@ def _cmd_diagnose(args) -> int:
     except ValueError as err:
         raise UsageError(" ".join(str(err).split())) from None
     s, v = audit["summary"], audit["verdict"]
-    print(f"{args.run} ({args.checkpoint}, n={audit['n_examples']}): clean {s['clean_accuracy']:.3f}, "
+    print(f"{_subject(args)} ({audit['checkpoint']}, n={audit['n_examples']}): clean {s['clean_accuracy']:.3f}, "
           f"fgsm {s['fgsm_accuracy']:.3f}, pgd {s['pgd_accuracy']:.3f}, alignment {s['gradient_alignment']:.3f}; "
           f"masking: {v['masking']} -> {Path(args.out) / 'audit.json'}")
     return 0
@@ -443,6 +477,45 @@ def _cmd_tables(args) -> int:
 
 
 SUBCOMMANDS.append(_add_tables)
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="RobustBench model zoo (needs the zoo extra)",
+                       description="Models of the RobustBench model zoo, evaluated and audited with "
+                       "`gmr evaluate --zoo NAME` and `gmr diagnose --zoo NAME`.")
+    zoo = p.add_subparsers(dest="zoo_command", required=True)
+    q = zoo.add_parser("list", help="the zoo's models with their published accuracies",
+                       description="Every zoo model for a dataset and threat model, in RobustBench's order: "
+                       "architecture, clean and robust (AutoAttack) accuracy as the leaderboard publishes them, "
+                       "and whether its checkpoint is in --model-dir.")
+    q.add_argument("--dataset", default="cifar10", help="cifar10 (default) or cifar100")
+    q.add_argument("--threat-model", default="Linf", help="Linf (default), L2 or corruptions")
+    q.add_argument("--model-dir", help="folder of RobustBench checkpoints to look in (default ./models)")
+    q.set_defaults(func=_cmd_zoo_list)
+
+
+def _cmd_zoo_list(args) -> int:
+    from .zoo import DEFAULT_MODEL_DIR, ZooModel, list_models
+
+    try:
+        models = list_models(args.dataset, args.threat_model)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    model_dir = args.model_dir or DEFAULT_MODEL_DIR
+    print(f"{'model':<48} {'architecture':<28} {'clean %':>8} {'robust %':>9}  checkpoint in {model_dir}")
+    for m in models:
+        files = ZooModel(m.name, m.dataset, m.threat_model, model_dir).checkpoint_files()
+        here = "yes" if files and all(f.is_file() for f in files) else "no" if files else "hub"
+        print(f"{m.name:<48} {m.architecture:<28} {_percent(m.clean_accuracy):>8} "
+              f"{_percent(m.robust_accuracy):>9}  {here}")
+    return 0
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+SUBCOMMANDS.append(_add_zoo)
 
 
 def main(argv: list[str] | None = None) -> int:

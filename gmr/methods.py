@@ -547,8 +547,9 @@ class NuATOptions:
 
 
 def _nuclear(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-    """||z_a - z_b||_*: the sum of singular values of the B x classes difference of logits."""
-    return torch.linalg.matrix_norm(z_a - z_b, ord="nuc")
+    """||z_a - z_b||_*: the sum of singular values of the B x classes difference of logits (in fp32:
+    the SVD has no bf16 kernel, and mixed-precision training runs this under autocast)."""
+    return torch.linalg.matrix_norm((z_a - z_b).float(), ord="nuc")
 
 
 @register_method("nuat", NuATOptions, cost=lambda o, b: PassCount(4, 3), title="NuAT", color="#843c39",

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from . import attacks
+from . import attacks, precision
 from .cost import PassCounter, Stopwatch, check_threads, device_facts, peak_memory_mb, pick_device
 from .data import BatchIterator, DataSpec, Split, dataset_info, list_datasets, load_split
 from .io import check_folder_path, remove_stale_temps, torch_save
@@ -39,7 +39,7 @@ from .models import MODELS, create_model
 from .options import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check
 from .runs import RUN_FILES, RUN_SCHEMA, RunDir, RunError, load_weights, new_run_id, weights_digest, write_train_log
 
-SCHEDULES = ("step", "onecycle", "constant")
+SCHEDULES = ("step", "cyclic", "onecycle", "constant")
 # Steps of the per-epoch validation PGD by dataset family (its step is the dataset's usual PGD step).
 PROBE_PGD_STEPS = {"mnist": 40, "cifar": 10}
 
@@ -63,7 +63,7 @@ class TrainConfig:
     lr: PositiveFloat = 0.01
     momentum: NonNegativeFloat = 0.9
     weight_decay: NonNegativeFloat = 5e-4
-    schedule: str = "step"              # step: lr / 5, 25, 125 at 1/4, 1/2, 3/4 (paper); onecycle; constant
+    schedule: str = "step"              # step: lr / 5, 25, 125 after epoch E/4, E/2, 3E/4 (paper); cyclic; onecycle; constant
     seed: Seed = 0                      # training randomness (init, shuffling, attack noise)
     method_options: dict[str, Any] = field(default_factory=dict)
     data_root: str = "data"
@@ -78,6 +78,8 @@ class TrainConfig:
     keep_resume_state: bool = False     # keep checkpoint.pt (optimizer momentum, RNG) after the last epoch
     device: str = "auto"
     threads: PositiveInt | None = None
+    precision: str = "fp32"             # of the training step: fp32, bf16, fp16 (CUDA), auto (gmr/precision.py)
+    compile: bool = False               # torch.compile the model: opt-in, about 2x slower on CPU (gmr/precision.py)
 
     def resolved_eps(self) -> float:
         return self.eps if self.eps is not None else dataset_info(self.dataset).default_eps
@@ -98,7 +100,7 @@ class TrainConfig:
         self.data_spec().validate()
         self._check_sizes()
         make_options(self.method, self.dataset, self.method_options)
-        pick_device(self.device)
+        precision.resolve(self.precision, pick_device(self.device))
         check_threads(self.threads)
 
     def _check_sizes(self) -> None:
@@ -128,18 +130,33 @@ class TrainConfig:
         resume."""
         d = dataclasses.asdict(self)
         for key in ("device", "threads", "data_root", "probe_batch_size", "keep_epoch_checkpoints",
-                    "keep_resume_state"):
+                    "keep_resume_state", "compile"):
             d.pop(key)
+        if d["precision"] == "fp32":  # runs recorded before the option trained in fp32: still the same run
+            d.pop("precision")
         return d
 
 
-def lr_factor(schedule: str, step: int, total: int) -> float:
-    """Multiplier of the base lr at iteration `step` of `total`."""
+def paper_step_factor(epoch: int, epochs: int) -> float:
+    """The paper's step schedule by epoch: lr / 5, / 25, / 125 after epoch index E/4, E/2, 3E/4 (integer
+    division, as Python 2 computed them in SAT-Rx tools/reg_utils.py:26-35 and :106; MNIST E = 20: 6, 5,
+    5 and 4 epochs)."""
+    for threshold, factor in ((epochs // 4, 1.0), (2 * epochs // 4, 1 / 5), (3 * epochs // 4, 1 / 25)):
+        if epoch <= threshold:
+            return factor
+    return 1 / 125
+
+
+def lr_factor(schedule: str, step: int, total: int, steps_per_epoch: int = 1) -> float:
+    """Multiplier of the base lr at iteration `step` of `total` (`steps_per_epoch` iterations an epoch)."""
     t = step / max(total, 1)
     if schedule == "constant":  # short studies: the step schedule's first decay comes too early
         return 1.0
     if schedule == "step":
-        return 1.0 if t < 0.25 else 1 / 5 if t < 0.5 else 1 / 25 if t < 0.75 else 1 / 125
+        return paper_step_factor(step // steps_per_epoch, max(total // steps_per_epoch, 1))
+    if schedule == "cyclic":  # Wong et al. 2020: 0 -> lr at half of training -> 0, per iteration
+        # (locuslab/fast_adversarial CIFAR10/train_fgsm.py:85-88: CyclicLR, step_size_up = down = total / 2)
+        return 1.0 - abs(2 * t - 1.0)
     # one cycle: linear warm-up to the base lr over 40% of training, linear decay to 0
     return t / 0.4 if t < 0.4 else max(0.0, (1.0 - t) / 0.6)
 
@@ -172,6 +189,19 @@ def validation_probes(model, x, y, cfg: TrainConfig, epoch: int, device) -> dict
     return {f"val_{k}": v / n for k, v in sums.items()}
 
 
+def train_batch_pgd5(model, x, y, cfg: TrainConfig, epoch: int, device) -> float:
+    """PGD-5 accuracy (step eps/4, one random start) on a training batch: the input of Wong et al.'s
+    early-stopping rule (locuslab/fast_adversarial CIFAR10/train_fgsm.py:130-139: 5 steps of 2/255 at
+    eps 8/255; `gmr.runs.CO_RULES["wong2020"]`). Deviations, so that a probe neither changes the model
+    nor depends on the shuffle: a fixed batch (the first training images) instead of each epoch's first
+    batch, and eval mode instead of their train mode (which also updates BatchNorm statistics)."""
+    eps = cfg.resolved_eps()
+    gen = torch.Generator(device=device).manual_seed(20_000 * cfg.seed + epoch)
+    with attacks.eval_mode(model):
+        x_adv = attacks.pgd(model, x, y, eps, 5, eps / 4, generator=gen)
+        return _correct(model, x_adv, y) / len(x)
+
+
 # --------------------------------------------------------------------------------------------------
 # The resumable state
 
@@ -193,20 +223,25 @@ class TrainState:
     best_epoch: int = -1
     log: list[dict] = field(default_factory=list)
     ledger: dict[str, float] = field(default_factory=_new_ledger)
+    scaler: torch.amp.GradScaler | None = None   # fp16 loss scaling (disabled otherwise); its scale is saved
 
     @classmethod
     def create(cls, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, device) -> TrainState:
         """A fresh run: seeded model, SGD, the shuffling generator and the lr schedule."""
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, cfg.dataset).to(device)
+        step_precision = precision.resolve(cfg.precision, device)
+        if precision.channels_last(step_precision, device, model):
+            model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
         batches = BatchIterator(x, y, cfg.batch_size, shuffle=True, augment=dataset_info(cfg.dataset).augment,
                                 generator=torch.Generator().manual_seed(cfg.seed))
         total_steps = cfg.epochs * len(batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps))
-        return cls(new_run_id(cfg.method, cfg.dataset, cfg.seed), model, optimizer, scheduler, batches)
+            optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps, len(batches)))
+        return cls(new_run_id(cfg.method, cfg.dataset, cfg.seed), model, optimizer, scheduler, batches,
+                   scaler=precision.grad_scaler(step_precision, device))
 
     def to_checkpoint(self, identity: dict, device) -> dict:
         weights = self.model.state_dict()
@@ -217,7 +252,7 @@ class TrainState:
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "rng_data": self.batches.generator.get_state(),
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "log": self.log,
-            "ledger": self.ledger,
+            "ledger": self.ledger, "scaler": self.scaler.state_dict() if self.scaler is not None else {},
         }
 
     def load_checkpoint(self, ckpt: dict, device) -> None:
@@ -232,6 +267,8 @@ class TrainState:
         self.run_id = ckpt.get("run_id", self.run_id)
         self.epoch, self.best_metric, self.best_epoch = ckpt["epoch"], ckpt["best_metric"], ckpt["best_epoch"]
         self.log, self.ledger = list(ckpt["log"]), dict(ckpt["ledger"])
+        if ckpt.get("scaler") and self.scaler is not None:  # fp16: the loss scale it had reached
+            self.scaler.load_state_dict(ckpt["scaler"])
 
 
 def _conflict(run: RunDir) -> RunConflict:
@@ -309,6 +346,9 @@ class TrainJob:
     options: Any
     counter: PassCounter
     progress: bool
+    precision: str = "fp32"             # resolved precision of the training step (gmr/precision.py)
+    channels_last: bool = False         # the model's layout (gmr/precision.py)
+    co_batch: tuple[torch.Tensor, torch.Tensor] | None = None   # Wong et al.'s training-batch probe
 
 
 def train_epoch(state: TrainState, job: TrainJob) -> tuple[dict[str, float], float]:
@@ -325,15 +365,17 @@ def train_epoch(state: TrainState, job: TrainJob) -> tuple[dict[str, float], flo
                disable=not job.progress, mininterval=1.0)
     with watch:
         for step, (xb, yb) in enumerate(bar):
-            result = job.method(state.model, xb, yb, eps, job.options)
+            with precision.autocast(job.precision, device):  # the attack making the batch included
+                result = job.method(state.model, xb, yb, eps, job.options)
             state.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            state.optimizer.step()
+            state.scaler.scale(result.loss).backward()  # a disabled scaler (fp32, bf16) passes through
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
             state.scheduler.step()
-            loss_sum += result.loss.detach() * len(yb)
+            loss_sum += result.loss.detach().float() * len(yb)  # sums in fp32, not in the step's bf16
             correct += (result.logits.detach().argmax(1) == result.targets).sum()
             for k, v in result.probes.items():
-                extra[k] = extra.get(k, 0.0) + v * len(yb)
+                extra[k] = extra.get(k, 0.0) + v.detach().float() * len(yb)
             seen += len(yb)
             # checking every step would synchronise the GPU each step
             if (device.type == "cpu" or step % 50 == 0) and not torch.isfinite(result.loss):
@@ -364,6 +406,8 @@ def end_of_epoch(state: TrainState, job: TrainJob, train_row: dict, seconds: flo
     cfg, run, model = job.cfg, job.run, state.model
     with Stopwatch(job.device) as probe_watch:
         probes = validation_probes(model, job.x_val, job.y_val, cfg, state.epoch, job.device)
+        if job.co_batch is not None:
+            probes["train_batch_pgd5"] = train_batch_pgd5(model, *job.co_batch, cfg, state.epoch, job.device)
     state.ledger["probe_seconds"] += probe_watch.seconds
     state.epoch += 1
     row = {"epoch": state.epoch, **train_row, **probes, "lr": state.scheduler.get_last_lr()[0],
@@ -413,7 +457,8 @@ def run_record(state: TrainState, job: TrainJob, n_train: int) -> dict:
                  "val_size": cfg.val_size or dataset_info(cfg.dataset).default_val_size},
         "selection": {"criterion": "val_ifgsm3", "best_epoch": state.best_epoch, "last_epoch": cfg.epochs},
         "metrics": {"best": by_epoch[state.best_epoch], "last": by_epoch[cfg.epochs]},
-        "cost": _cost(cfg, job.options, state.ledger, job.device),
+        "cost": {**_cost(cfg, job.options, state.ledger, job.device), "precision": job.precision,
+                 "channels_last": job.channels_last},
         "resume_state_kept": cfg.keep_resume_state,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -447,7 +492,12 @@ def _train(cfg: TrainConfig, run: RunDir, progress: bool) -> dict:
     x_va, y_va = (t.to(device) for t in load_split(cfg.data_spec(), Split.VAL))
     state = _start(cfg, run, x_tr, y_tr, device)
     job = TrainJob(cfg, run, device, x_va, y_va, METHODS.get(cfg.method).fn,
-               make_options(cfg.method, cfg.dataset, cfg.method_options), PassCounter(state.model), progress)
+                   make_options(cfg.method, cfg.dataset, cfg.method_options), PassCounter(state.model), progress,
+                   co_batch=(x_tr[:cfg.batch_size], y_tr[:cfg.batch_size]))
+    job.precision = precision.resolve(cfg.precision, device)
+    job.channels_last = precision.channels_last(job.precision, device, state.model)
+    if cfg.compile:  # in place: the state dict keeps its names; compiled on the first step of each mode
+        state.model.compile()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:

@@ -84,7 +84,7 @@ def test_yaml_config_with_cli_override(tmp_path, mnist_root):
     assert cfg["epochs"] == 1                                   # command line wins
     assert cfg["method"] == "rfgsm" and cfg["seed"] == 4 and cfg["eps"] == 0.2
     assert cfg["batch_size"] == 16 and cfg["n_train"] == 64     # dashed YAML keys accepted
-    assert meta["method_options"] == {"alpha": 0.05, "clean_fraction": 0.5}
+    assert meta["method_options"] == {"alpha": 0.05, "clean_weight": 0.5, "clean_fraction": 0.5}
     assert len((out / "train_log.csv").read_text().strip().splitlines()) == 2
 
 

@@ -78,6 +78,8 @@ def test_run_writes_documented_files_and_fields(make_run):
     assert meta["run_id"].startswith("fgsm-mnist-seed0-") and meta["resume_state_kept"] is False
     assert set(meta["config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert meta["config"]["method"] == "fgsm" and meta["config"]["model"] == "lenet_plus"
+    with open(run / "train_log.csv") as fh:   # the input of Wong et al.'s rule, logged every epoch
+        assert all(0.0 <= float(r["train_batch_pgd5"]) <= 1.0 for r in csv.DictReader(fh))
     assert meta["config_identity"] == TrainConfig(**meta["config"]).identity()
     assert meta["eps"] == 0.3
     assert meta["method_options"] == {"clean_fraction": 0.0}
@@ -151,11 +153,27 @@ def test_cost_ledger_counts_equal_declared(make_run, method):
 # --------------------------------------------------------------------------------------------------
 # Learning-rate schedule
 
-def test_lr_factor_step_schedule():
+def test_lr_factor_step_schedule_follows_the_paper_code_by_epoch():
+    """SAT-Rx divides the lr after epoch index E/4, E/2, 3E/4 (Python 2 integer division): for E = 20,
+    epochs 0-5 at lr, 6-10 at lr/5, 11-15 at lr/25, 16-19 at lr/125."""
+    per_epoch = 7
+    factors = [lr_factor("step", e * per_epoch + i, 20 * per_epoch, per_epoch) for e in range(20) for i in range(per_epoch)]
+    by_epoch = [factors[e * per_epoch] for e in range(20)]
+    assert by_epoch == pytest.approx([1.0] * 6 + [1 / 5] * 5 + [1 / 25] * 5 + [1 / 125] * 4)
+    assert all(len(set(factors[e * per_epoch:(e + 1) * per_epoch])) == 1 for e in range(20)), "constant within an epoch"
+    # E = 10: thresholds 2, 5, 7 (integer division)
+    assert [lr_factor("step", e, 10) for e in range(10)] == pytest.approx(
+        [1.0] * 3 + [1 / 5] * 3 + [1 / 25] * 2 + [1 / 125] * 2)
+
+
+def test_lr_factor_cyclic_is_wongs_triangle():
+    """locuslab/fast_adversarial: CyclicLR from 0 up to lr at half of training and back to 0."""
     total = 100
-    expected = {0: 1.0, 24: 1.0, 25: 1 / 5, 49: 1 / 5, 50: 1 / 25, 74: 1 / 25, 75: 1 / 125, 99: 1 / 125}
-    for step, value in expected.items():
-        assert lr_factor("step", step, total) == pytest.approx(value), step
+    assert lr_factor("cyclic", 0, total) == 0.0
+    assert lr_factor("cyclic", 25, total) == pytest.approx(0.5)
+    assert lr_factor("cyclic", 50, total) == pytest.approx(1.0)
+    assert lr_factor("cyclic", 75, total) == pytest.approx(0.5)
+    assert lr_factor("cyclic", 100, total) == pytest.approx(0.0)
 
 
 def test_lr_factor_onecycle():
@@ -203,7 +221,8 @@ def scripted_run(tmp_path_factory, mnist_root):
 
 def test_lr_step_schedule_in_training(scripted_run):
     _, _, lrs = scripted_run
-    expected = [0.01] * 8 + [0.002] * 8 + [0.0004] * 8 + [0.00008] * 8
+    # E = 4: lr / 5 after epoch index 1 (E/4), / 25 after index 2 (E/2), / 125 after index 3 (3E/4)
+    expected = [0.01] * 16 + [0.002] * 8 + [0.0004] * 8
     assert lrs == pytest.approx(expected)
 
 

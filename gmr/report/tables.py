@@ -197,6 +197,7 @@ def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
             "seed": cfg["seed"], "epochs": cfg["epochs"], "n_train": meta["data"]["n_train"],
             "best_epoch": meta["selection"]["best_epoch"], "last_epoch": meta["selection"]["last_epoch"],
             "co_epoch": co_epoch, "co": co_epoch is not None, "warnings": run_warnings(meta),
+            "precision": cost.get("precision") or "fp32",   # runs recorded before the option: fp32
             **{k: cost.get(k) for k in ("train_seconds", "seconds_per_epoch", "passes_per_sample",
                                         "declared_passes_per_sample", "images_per_second",
                                         "peak_memory_mb", "device", "device_name", "threads")},
@@ -600,7 +601,7 @@ def reference_table(results: Results) -> Parts:
 
 COST_COLUMNS = KEYS + ["method_title", "n_runs", "epochs", "n_train", "seconds_per_epoch", "seconds_per_epoch_std",
                        "train_seconds", "passes_per_sample", "declared_passes_per_sample", "images_per_second",
-                       "peak_memory_mb", "time_vs_pgd_at", "device"]
+                       "peak_memory_mb", "time_vs_pgd_at", "device", "precision"]
 
 
 def _devices(g: pd.DataFrame) -> str:
@@ -621,7 +622,8 @@ def cost(runs: pd.DataFrame) -> pd.DataFrame:
                      "seconds_per_epoch_std": g["seconds_per_epoch"].std(ddof=1) if len(g) > 1 else 0.0,
                      **{k: g[k].mean() for k in ("train_seconds", "passes_per_sample",
                                                  "declared_passes_per_sample", "images_per_second")},
-                     "peak_memory_mb": g["peak_memory_mb"].max(), "device": _devices(g)})
+                     "peak_memory_mb": g["peak_memory_mb"].max(), "device": _devices(g),
+                     "precision": "; ".join(sorted(set(g["precision"])))})
     table = pd.DataFrame(rows)
     pgd = table[table["method"] == "pgd"].set_index(["dataset", "model", "eps"])["train_seconds"]
     table["time_vs_pgd_at"] = [
@@ -635,7 +637,7 @@ def cost(runs: pd.DataFrame) -> pd.DataFrame:
     caption="Training cost per method (mean over seeds): seconds per epoch and total training time (without "
             "the per-epoch validation probes), forward+backward passes per training sample counted on the "
             "model, images per second, peak memory, the training time relative to PGD-AT in the same "
-            "setting, and the device. GMR costs 4 passes per sample (2 for its two attack gradients, 2 for "
+            "setting, the device and the training precision. GMR costs 4 passes per sample (2 for its two attack gradients, 2 for "
             "the update on the FGSM and R-FGSM batches), FGSM-AT 2, PGD-k AT k + 1.")
 def cost_table(results: Results) -> Parts:
     t = cost(results.runs)
@@ -648,8 +650,8 @@ def cost_table(results: Results) -> Parts:
         "images / s": t["images_per_second"].map(lambda v: num(v, "{:.0f}")),
         "peak MB": t["peak_memory_mb"].map(lambda v: num(v, "{:.0f}")),
         "time / PGD-AT": t["time_vs_pgd_at"].map(lambda v: num(v, "{:.2f}")),
-        "device": t["device"]})
-    df, setting = drop_constant(df, ["dataset", "model", "eps", "device"])
+        "device": t["device"], "precision": t["precision"]})
+    df, setting = drop_constant(df, ["dataset", "model", "eps", "device", "precision"])
     notes = ["Training cost, mean over seeds; training time excludes the per-epoch validation probes. "
              "passes / sample: forward+backward passes counted on the model per training example "
              "(FGSM-AT 2, GMR 4, PGD-k AT k+1). time / PGD-AT: total training time relative to PGD-AT "

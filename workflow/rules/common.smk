@@ -301,14 +301,94 @@ def _check_sizes(experiments: dict, raw: dict) -> None:
             raise ConfigError(_where(raw, name, "train", "val_size"), str(err)) from None
 
 
+def _check_speed(experiments: dict, raw: dict) -> None:
+    """What the schema cannot say about train.precision and gpus: fp16 needs a CUDA device
+    (gmr/precision.py), and a gpus section that no job uses would be ignored silently."""
+    for name, exp in experiments.items():
+        if exp["train"].get("precision") == "fp16" and config["device"] == "cpu":
+            raise ConfigError(_where(raw, name, "train", "precision"),
+                              "fp16 needs a CUDA device, and device is cpu; use bf16 or auto")
+    if raw.get("gpus") and (config["device"] == "cpu" or not any(r["gpu"] for r in config["resources"].values())):
+        raise ConfigError("gpus", "set, but no job runs on a GPU (device is cpu, or every resources.<rule>.gpu is 0)")
+
+
+# --------------------------------------------------------------------------------------------------
+# RobustBench models: `zoo_models:` of an experiment (names of the RobustBench model zoo, evaluated and
+# audited on the experiment's dataset, budgets and test points beside its runs) and `zoo:` (where their
+# checkpoints are). Checked here like every other key: their own schema first, then the names against
+# robustbench's registry (gmr.zoo), before any job starts.
+
+ZOO_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "zoo": {
+            "description": "RobustBench model zoo (gmr/zoo.py; needs the zoo extra)",
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "model_dir": {
+                    "type": "string", "minLength": 1, "default": "models",
+                    "description": "folder of RobustBench checkpoints, <model_dir>/<dataset>/Linf/<name>.pt; a "
+                                   "missing one is downloaded by the job that needs it (internet needed)"},
+            },
+        },
+        "zoo_models": {
+            "description": "RobustBench model names (see `gmr zoo list`) evaluated and audited beside the "
+                           "experiment's runs, on the same test points and budgets",
+            "type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True,
+        },
+    },
+}
+
+
+def _zoo_problem(values: dict, prefix: str) -> None:
+    import jsonschema
+
+    for err in jsonschema.Draft202012Validator(ZOO_SCHEMA).iter_errors(values):
+        raise ConfigError(_key_path([*prefix, *err.absolute_path]), _schema_problem(err))
+
+
+def take_zoo_keys(config: dict) -> dict:
+    """Take `zoo:` and each experiment's `zoo_models:` out of the config (the general schema does not
+    describe them), checked against ZOO_SCHEMA; returns {"model_dir": ..., "models": {experiment: names}}."""
+    section = config.pop("zoo", None)
+    _zoo_problem({} if section is None else {"zoo": section}, [])
+    models = {}
+    for name, exp in (config.get("experiments") or {}).items():
+        if isinstance(exp, dict) and "zoo_models" in exp:
+            _zoo_problem({"zoo_models": exp["zoo_models"]}, ["experiments", name])
+            models[name] = list(exp.pop("zoo_models"))
+    return {"model_dir": (section or {}).get("model_dir", "models"), "models": models}
+
+
+def _check_zoo(experiments: dict, zoo: dict) -> None:
+    """Each experiment's zoo models exist in robustbench's zoo for its dataset (threat model Linf)."""
+    for name, models in zoo["models"].items():
+        if not models:
+            continue
+        from gmr.zoo import check_names
+
+        try:
+            check_names(models, experiments[name]["dataset"])
+        except ValueError as err:
+            raise ConfigError(f"experiments.{name}.zoo_models", str(err)) from None
+
+
 def check_config(config: dict, raw: dict) -> dict:
     """Every key of the config; returns the experiments with their merged sections."""
+    zoo = take_zoo_keys(config)
     validate_config(config)
     experiments = _experiments(config, raw)
+    for name, exp in experiments.items():
+        exp["zoo_models"] = zoo["models"].get(name, [])
+    config["zoo"] = {"model_dir": zoo["model_dir"]}
     gmr_checks = _gmr_importable()
     if gmr_checks:
+        _check_zoo(experiments, zoo)
         _check_names(experiments, raw)
     _check_selections(experiments, raw)
+    _check_speed(experiments, raw)
     if gmr_checks:
         _check_method_options(experiments)
         _check_attack_params(experiments, raw)
@@ -327,6 +407,7 @@ wildcard_constraints:
     seed=r"[0-9]+",
     ckpt=r"best|last",
     dataset=r"[a-z0-9_]+",
+    zoo=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",   # a RobustBench model name (zoo_models:)
 
 
 def _gmr_command() -> str:
@@ -421,6 +502,20 @@ def job_resources(rule_name: str) -> dict:
         if res[key]:
             out[key] = res[key]
     return out
+
+
+def gpu_slot_prefix(rule_name: str) -> str:
+    """The command prefix that gives each job of a GPU rule (resources.<rule>.gpu > 0, device not cpu) its
+    own device, or a place on one shared by gpus.jobs_per_gpu jobs (gmr/gpu_slots.py); "" for CPU jobs.
+    Run locally with `--resources gpu=<GPUs x jobs_per_gpu>`. On Slurm every job is its own allocation
+    and keeps the device Slurm gave it."""
+    if config["device"] == "cpu" or not resources(rule_name)["gpu"]:
+        return ""
+    gpus = config["gpus"]
+    args = [sys.executable, "-m", "gmr.gpu_slots", "--jobs-per-gpu", str(gpus["jobs_per_gpu"])]
+    if gpus["devices"]:
+        args += ["--devices", ",".join(str(d) for d in gpus["devices"])]
+    return " ".join(shlex.quote(a) for a in args) + " -- "
 
 
 def n_test_arg(n: int) -> str:

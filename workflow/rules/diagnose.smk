@@ -39,6 +39,7 @@ rule diagnose:
     benchmark:
         BENCH.format(rule="diagnose", exp="{exp}", method="{method}", eps="{eps}", seed="{seed}") + ".tsv"
     params:
+        slot=gpu_slot_prefix("diagnose"),
         run=lambda wc, input: os.path.dirname(input.run),
         out=lambda wc, output: os.path.dirname(output.audit),
         args=_diagnose_args,
@@ -48,7 +49,7 @@ rule diagnose:
     resources:
         **job_resources("diagnose"),
     shell:
-        "{GMR} diagnose --run {params.run:q} --out {params.out:q} {params.args} --threads {threads} "
+        "{params.slot}{GMR} diagnose --run {params.run:q} --out {params.out:q} {params.args} --threads {threads} "
         "> {log:q} 2>&1"
 
 
@@ -93,6 +94,7 @@ rule zoo_diagnose:
     benchmark:
         ZOO_BENCH.format(rule="zoo_diagnose", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".tsv"
     params:
+        slot=gpu_slot_prefix("diagnose"),
         subject=_zoo_subject_args,
         out=lambda wc, output: os.path.dirname(output.audit),
         args=_zoo_diagnose_args,
@@ -101,4 +103,4 @@ rule zoo_diagnose:
     resources:
         **job_resources("diagnose"),
     shell:
-        "{GMR} diagnose {params.subject} --out {params.out:q} {params.args} --threads {threads} > {log:q} 2>&1"
+        "{params.slot}{GMR} diagnose {params.subject} --out {params.out:q} {params.args} --threads {threads} > {log:q} 2>&1"

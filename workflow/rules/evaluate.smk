@@ -54,6 +54,7 @@ rule evaluate:
     benchmark:
         BENCH.format(rule="evaluate", exp="{exp}", method="{method}", eps="{eps}", seed="{seed}") + "-{ckpt}.tsv"
     params:
+        slot=gpu_slot_prefix("evaluate"),
         run=lambda wc, input: os.path.dirname(input.run),
         args=_whitebox_args,
         reuse=_reuse_arg(""),
@@ -61,7 +62,7 @@ rule evaluate:
     resources:
         **job_resources("evaluate"),
     shell:
-        "{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} {params.reuse} "
+        "{params.slot}{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} {params.reuse} "
         "--threads {threads} --out {output.json:q} > {log:q} 2>&1"
 
 
@@ -76,6 +77,7 @@ rule autoattack:
     benchmark:
         BENCH.format(rule="autoattack", exp="{exp}", method="{method}", eps="{eps}", seed="{seed}") + "-{ckpt}.tsv"
     params:
+        slot=gpu_slot_prefix("autoattack"),
         run=lambda wc, input: os.path.dirname(input.run),
         args=_autoattack_args,
         reuse=_reuse_arg("-autoattack"),
@@ -85,7 +87,7 @@ rule autoattack:
     resources:
         **job_resources("autoattack"),
     shell:
-        "{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} {params.reuse} "
+        "{params.slot}{GMR} evaluate --run {params.run:q} --checkpoint {wildcards.ckpt} {params.args} {params.reuse} "
         "--threads {threads} --out {output.json:q} > {log:q} 2>&1"
 
 
@@ -149,13 +151,14 @@ rule zoo_evaluate:
     benchmark:
         ZOO_BENCH.format(rule="zoo_evaluate", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".tsv"
     params:
+        slot=gpu_slot_prefix("evaluate"),
         subject=_zoo_subject_args,
         args=_whitebox_args,
     threads: resources("evaluate")["threads"]
     resources:
         **job_resources("evaluate"),
     shell:
-        "{GMR} evaluate {params.subject} {params.args} --threads {threads} --out {output.json:q} > {log:q} 2>&1"
+        "{params.slot}{GMR} evaluate {params.subject} {params.args} --threads {threads} --out {output.json:q} > {log:q} 2>&1"
 
 
 rule zoo_autoattack:
@@ -169,6 +172,7 @@ rule zoo_autoattack:
     benchmark:
         ZOO_BENCH.format(rule="zoo_autoattack", exp="{exp}", zoo="{zoo}", eps="{eps}") + ".tsv"
     params:
+        slot=gpu_slot_prefix("autoattack"),
         subject=_zoo_subject_args,
         args=_autoattack_args,
     priority: 1
@@ -176,4 +180,4 @@ rule zoo_autoattack:
     resources:
         **job_resources("autoattack"),
     shell:
-        "{GMR} evaluate {params.subject} {params.args} --threads {threads} --out {output.json:q} > {log:q} 2>&1"
+        "{params.slot}{GMR} evaluate {params.subject} {params.args} --threads {threads} --out {output.json:q} > {log:q} 2>&1"

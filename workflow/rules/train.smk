@@ -4,6 +4,10 @@
 # The checkpoints beside it (checkpoint.pt, model_*.pt, train_log.csv) are not outputs, so when a job
 # is interrupted or fails, Snakemake deletes nothing of them, and the next invocation of the workflow
 # starts the job again and `gmr train` resumes after the last finished epoch.
+#
+# Every key of the train section becomes a `gmr train` option (train_args), train.precision too. A job
+# of a GPU study (resources.train.gpu > 0) starts through gmr/gpu_slots.py, which gives it its own GPU,
+# or a place on one shared by gpus.jobs_per_gpu jobs (gpu_slot_prefix; empty for CPU jobs).
 
 
 rule train:
@@ -18,8 +22,9 @@ rule train:
     params:
         out=lambda wc, output: os.path.dirname(output.run),
         args=train_args,
+        slot=gpu_slot_prefix("train"),
     threads: resources("train")["threads"]
     resources:
         **job_resources("train"),
     shell:
-        "{GMR} train --out {params.out:q} {params.args} --threads {threads} --no-progress > {log:q} 2>&1"
+        "{params.slot}{GMR} train --out {params.out:q} {params.args} --threads {threads} --no-progress > {log:q} 2>&1"
