@@ -21,9 +21,20 @@ Adding a method: write a function and an options dataclass, and register them:
         x_adv = attacks.fgsm(model, x, y, eps, bn="eval")
         logits = model(x_adv)
         return StepOutput(F.cross_entropy(logits, y), logits, y)
+
+Methods that keep state across steps (FGSM-PGI's per-example perturbations, Free-AT's perturbation
+carried between replays, ELLE-A's lambda) register with `per_example_state=True` and take a keyword
+`ctx: StepContext`: the batch's dataset indices and a store of tensors the trainer saves in
+checkpoint.pt, so a resumed run equals an unbroken one. Called without one (as the registry tests
+do), such a method gets a fresh context. `replays` (options -> m) makes the trainer run each batch m
+times in a row (Free-AT). Label smoothing is the trainer's: it sets `loss_context` around each step,
+and `train_ce` (which `_ce_step` uses) reads it; a method that computes its training cross-entropy
+with F.cross_entropy does not see it, and the trainer refuses label smoothing for such a method.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -45,6 +56,7 @@ class StepOutput:
     logits: torch.Tensor               # logits of the training samples (for train accuracy)
     targets: torch.Tensor
     probes: dict[str, torch.Tensor] = field(default_factory=dict)  # extra scalars to log (e.g. reg)
+    after_backward: Callable[[], None] | None = None   # run by the trainer after loss.backward() (Free-AT)
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,69 @@ class MethodSpec:
     color: str                                 # one colour in every figure
     attack_bn: str = "eval"                    # BatchNorm mode of the training attack (see module doc)
     source: str = ""                           # the official code the method and its defaults follow
+    per_example_state: bool = False            # takes `ctx: StepContext` (indices, saved state store)
+    replays: Callable[[Any], int] | None = None  # options -> times each batch is trained in a row (None: 1)
+
+
+@dataclass
+class StepContext:
+    """What a stateful method sees beyond (x, y): the dataset indices of the batch, the trainer's epoch
+    and replay counters, and `store`, tensors that persist across steps and are saved in checkpoint.pt
+    (so per-example memories and adaptive weights resume exactly)."""
+    indices: torch.Tensor                  # positions of the batch's examples in the training split
+    n_examples: int                        # size of the training split: first dim of per-example tensors
+    store: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: int = 0                         # finished epochs (as the trainer counts them)
+    replay: int = 0                        # 0 .. replays - 1: which repetition of this batch
+
+    @classmethod
+    def fresh(cls, x: torch.Tensor) -> "StepContext":
+        """A new run's context for one batch: indices 0..B-1 and an empty store."""
+        return cls(torch.arange(len(x), device=x.device), len(x))
+
+    def per_example(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The per-example tensor `name` (n_examples x like's example shape), zeros when first asked."""
+        if name not in self.store:
+            self.store[name] = torch.zeros((self.n_examples, *like.shape[1:]), dtype=torch.float32,
+                                           device=like.device)
+        return self.store[name]
+
+    def tensor(self, name: str, init: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A run-level tensor `name` (e.g. an adaptive weight), created by `init` when first asked."""
+        if name not in self.store:
+            self.store[name] = init()
+        return self.store[name]
+
+
+@dataclass
+class LossContext:
+    """Set by the trainer around a training step: what the training cross-entropy applies."""
+    label_smoothing: float = 0.0
+    applied: bool = False                  # a train_ce call read it (the trainer checks it)
+
+
+_LOSS_CONTEXT: contextvars.ContextVar[LossContext | None] = contextvars.ContextVar("gmr_loss", default=None)
+
+
+@contextlib.contextmanager
+def loss_context(label_smoothing: float = 0.0):
+    """Training steps inside see `label_smoothing` in `train_ce`; yields the context to inspect."""
+    ctx = LossContext(label_smoothing)
+    token = _LOSS_CONTEXT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _LOSS_CONTEXT.reset(token)
+
+
+def train_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a training loss, with the trainer's label smoothing (none outside a
+    loss_context)."""
+    ctx = _LOSS_CONTEXT.get()
+    if ctx is None:
+        return F.cross_entropy(logits, y)
+    ctx.applied = True
+    return F.cross_entropy(logits, y, label_smoothing=ctx.label_smoothing)
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -67,16 +142,18 @@ UNKNOWN_COLOR = "#000000"
 def register_method(name: str, options: type, cost: Callable[[Any, int], PassCount], description: str,
                     title: str | Callable[[Any], str], color: str,
                     defaults: dict[str, dict[str, Any]] | None = None, attack_bn: str = "eval",
-                    source: str = ""):
+                    source: str = "", per_example_state: bool = False,
+                    replays: Callable[[Any], int] | None = None):
     """Register a training method: its step function, options, cost, the BatchNorm mode of its
     training attack, the code it follows, and how tables and figures show it (title, colour). Tables
-    and figures list methods in registration order."""
+    and figures list methods in registration order. `per_example_state` and `replays`: see the
+    module docstring."""
     if attack_bn not in BN_MODES:
         raise ValueError(f"method {name!r}: attack_bn must be one of {', '.join(BN_MODES)}, got {attack_bn!r}")
 
     def decorator(fn):
         METHODS.register(name)(MethodSpec(fn, options, cost, defaults or {}, description, title, color,
-                                          attack_bn, source))
+                                          attack_bn, source, per_example_state, replays))
         return fn
     return decorator
 
@@ -127,7 +204,7 @@ def method_cost(method: str, options, batch_size: int) -> PassCount:
 
 def _ce_step(model, x_train, y) -> StepOutput:
     logits = model(x_train)
-    return StepOutput(F.cross_entropy(logits, y), logits, y)
+    return StepOutput(train_ce(logits, y), logits, y)
 
 
 def _mix_clean(x, x_adv, clean_fraction: float) -> torch.Tensor:
@@ -549,7 +626,9 @@ class NuATOptions:
 def _nuclear(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
     """||z_a - z_b||_*: the sum of singular values of the B x classes difference of logits (in fp32:
     the SVD has no bf16 kernel, and mixed-precision training runs this under autocast)."""
-    return torch.linalg.matrix_norm((z_a - z_b).float(), ord="nuc")
+    diff = z_a - z_b
+    return torch.linalg.matrix_norm(diff.float() if diff.dtype in (torch.bfloat16, torch.float16) else diff,
+                                    ord="nuc")
 
 
 @register_method("nuat", NuATOptions, cost=lambda o, b: PassCount(4, 3), title="NuAT", color="#843c39",
@@ -717,6 +796,151 @@ def ssat(model, x, y, eps, o: SSATOptions) -> StepOutput:
                 chosen = torch.where(_per_example(take, x), x_k, chosen)
                 pending = pending & ~take
     return _ce_step(model, chosen.detach(), y)
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods that keep state across steps (the trainer's StepContext; see the module docstring).
+
+@dataclass
+class FreeATOptions:
+    replays: PositiveInt = 8           # m: each batch trained m times in a row (replay_m)
+    step_factor: PositiveFloat = 1.0   # perturbation step = step_factor * eps (the official step is eps)
+
+
+@register_method("free_at", FreeATOptions, cost=lambda o, b: PassCount(1, 1), title="Free-AT", color="#e7ba52",
+                 attack_bn="train", per_example_state=True, replays=lambda o: o.replays,
+                 description="Free-AT (Shafahi et al. 2019): each batch replayed m times; one backward gives "
+                             "the weight gradient and the perturbation's, which carries over to the next step",
+                 source="ashafahi/free_adv_train free_train.py:54-64 (pert + eps sign(grad), clipped to +-eps, "
+                        "updated with the same backward as the weights), :97-100 (a new batch every replay_m "
+                        "steps; train_steps counts replays), free_model.py:46-51 (one perturbation variable of "
+                        "the batch's shape, input clipped to the image range; train-mode graph), config.py:15,23 "
+                        "(m 8); no MNIST value is published: m 8")
+def free_at(model, x, y, eps, o: FreeATOptions, ctx: StepContext | None = None) -> StepOutput:
+    """One replay: the loss at clip(x + delta) in train mode, where delta is the run's single
+    batch-shaped perturbation (never reset, as the official variable); after the trainer's backward,
+    delta += step sign(its gradient), clipped to [-eps, eps] (for the next replay or batch). A short
+    last batch uses the first rows of delta, as the official PyTorch code does. The trainer divides the
+    epochs by m (`replays`), so the number of passes over the data stays the configured epochs."""
+    ctx = ctx if ctx is not None else StepContext.fresh(x)
+    delta = ctx.tensor("free_at_delta", lambda: torch.zeros_like(x, dtype=torch.float32))
+    b = len(x)
+    noise = delta[:b].clone().requires_grad_(True)
+    out = _ce_step(model, (x + noise).clamp(0, 1), y)
+
+    def after_backward():
+        if noise.grad is not None:
+            with torch.no_grad():
+                delta[:b] += o.step_factor * eps * noise.grad.sign()
+                delta.clamp_(-eps, eps)
+    out.after_backward = after_backward
+    return out
+
+
+@dataclass
+class PGIOptions:
+    lambda_: NonNegativeFloat = 10.0          # lamda: weight of the MSE between the two forwards' logits
+    step_factor: PositiveFloat = 1.0          # alpha = step_factor * eps (8/255 at 8/255)
+    momentum_decay: NonNegativeFloat = 0.3    # decay of the per-example gradient momentum
+    factor: Fraction = 0.6                    # label smoothing: the true class's target probability (1: none)
+    own_smoothing: bool = True                # False: the trainer's label_smoothing instead of `factor`
+    reset_every: PositiveInt = 40             # epochs_reset: memories re-initialised at epochs 0, k, 2k, ...
+
+
+def _pgi_ce(logits: torch.Tensor, y: torch.Tensor, o: PGIOptions) -> torch.Tensor:
+    """FGSM-PGI's cross-entropy with its own label smoothing (true class `factor`, the rest share
+    1 - factor: torch's smoothing s = (1 - factor) C / (C - 1)); the trainer's with own_smoothing off."""
+    if not o.own_smoothing:
+        return train_ce(logits, y)
+    factor = o.factor
+    classes = logits.shape[1]
+    smoothing = (1 - factor) * classes / (classes - 1)
+    if smoothing > 1:
+        raise ValueError(f"fgsm_pgi: factor must be at least 1/{classes} for {classes} classes, got {factor}")
+    return F.cross_entropy(logits, y, label_smoothing=smoothing)
+
+
+@register_method("fgsm_pgi", PGIOptions, cost=lambda o, b: PassCount(2, 3), title="FGSM-PGI", color="#d6616b",
+                 attack_bn="train", per_example_state=True,
+                 description="FGSM-PGI (Jia et al. 2022): FGSM from each example's prior perturbation (its "
+                             "momentum step of the last epoch) + lambda MSE(z(x_adv), z(x + prior))",
+                 source="jiaxiaojunQAQ/FGSM-PGI FGSM_MEP.py:187-197 (memory reset every 40 epochs to "
+                        "+-alpha), :240-260 (gradient at x + prior in train mode :117, L1-normalised momentum, "
+                        "decay 0.3), :271-293 (loss: smoothed CE + lamda MSE of logits, memory written), "
+                        ":40-41 and :233 (factor 0.6, lamda 10), :29-32 (eps 8, alpha 8); no MNIST value is "
+                        "published: the CIFAR-10 values, alpha relative to eps")
+def fgsm_pgi(model, x, y, eps, o: PGIOptions, ctx: StepContext | None = None) -> StepOutput:
+    """FGSM-MEP, the code's main variant: delta = the example's stored prior (at a reset epoch a fresh
+    +-alpha sign draw: every example is visited once per epoch, so drawing at the visit equals the
+    official whole-set draw); the gradient g of the smoothed CE at x + delta (not clipped, as the
+    official first forward); momentum = g / ||g||_1 (over the batch) + decay * momentum; the training
+    point x + clip(delta + alpha sign g) and the next prior clip(delta + alpha sign momentum), both
+    within eps and [0, 1]; loss CE(z_adv) + lambda MSE(z_adv, z_start), gradients through both."""
+    ctx = ctx if ctx is not None else StepContext.fresh(x)
+    alpha = o.step_factor * eps
+    memory, moments = ctx.per_example("pgi_delta", x), ctx.per_example("pgi_momentum", x)
+    if ctx.epoch % o.reset_every == 0:
+        delta = (alpha * torch.sign(_uniform_like(x, -eps, eps, None))).clamp(-eps, eps)
+        momentum = torch.zeros_like(x)
+    else:
+        delta, momentum = memory[ctx.indices].to(x.dtype), moments[ctx.indices].to(x.dtype)
+    delta.requires_grad_(True)
+    with bn_mode(model, "train"):
+        z_start = model(x + delta)
+        (grad,) = torch.autograd.grad(_pgi_ce(z_start, y, o), delta, retain_graph=True)
+    delta = delta.detach()
+    momentum = grad / grad.abs().sum().clamp(min=1e-12) + momentum * o.momentum_decay  # 0/0 guard only
+
+    def step(direction):
+        return torch.max(torch.min((delta + alpha * direction.sign()).clamp(-eps, eps), 1 - x), -x)
+    x_adv = x + step(grad)
+    memory[ctx.indices], moments[ctx.indices] = step(momentum).float(), momentum.float()
+    z_adv = model(x_adv)
+    ce = _pgi_ce(z_adv, y, o)
+    reg = F.mse_loss(z_adv.float(), z_start.float())
+    return StepOutput(ce + o.lambda_ * reg, z_adv, y, {"ce": ce.detach(), "reg": reg.detach()})
+
+
+@dataclass
+class ELLEAOptions:
+    lambda_max: NonNegativeFloat = 4000.0   # lambda_aux: the weight set when the error spikes
+    decay: Fraction = 0.99                  # decay_rate: lambda *= decay at every other step
+    sensitivity: NonNegativeFloat = 2.0     # a spike: error > mean + sensitivity * std of all earlier errors
+
+
+@register_method("elle_a", ELLEAOptions, cost=lambda o, b: PassCount(5, 5), title="ELLE-A", color="#ce6dbd",
+                 attack_bn="train", per_example_state=True,
+                 description="ELLE-A (Abad Rocamora et al. 2024): ELLE with an adaptive lambda, 0 until the "
+                             "linearity error spikes, then lambda_max decaying by 0.99 a step",
+                 source="LIONS-EPFL/ELLE train.py:124-127 (lambda starts at 0, lambda_aux = lin_reg), "
+                        "core/utils/train.py:216-227 (spike rule: more than 2 earlier errors and error > mean "
+                        "+ 2 std of all of them; else lambda *= 0.99), parser.py:75-77 (decay 0.99, "
+                        "sensitivity 2), scripts/run_elle-a_cifar10.sh (lin_reg 4000 at every eps); the loss "
+                        "is ELLE's (see elle); no MNIST value is published: 4000")
+def elle_a(model, x, y, eps, o: ELLEAOptions, ctx: StepContext | None = None) -> StepOutput:
+    """ELLE's loss with the current lambda, then the official update for the next step from this
+    step's error. The history of errors is kept as count, sum and sum of squares in float64 (the
+    official code keeps the list; same mean and population std up to rounding), in the trainer's
+    store so a resumed run continues it."""
+    ctx = ctx if ctx is not None else StepContext.fresh(x)
+    st = ctx.tensor("elle_a", lambda: torch.zeros(4, dtype=torch.float64, device=x.device))  # lambda, n, sum, sum sq
+    lam = float(st[0])
+    out = elle(model, x, y, eps, ELLEOptions(lambda_=lam))
+    err = out.probes["reg"].double()
+    n = st[1].clamp(min=1)
+    mean = st[2] / n
+    std = (st[3] / n - mean * mean).clamp(min=0).sqrt()
+    spike = (st[1] > 2) & (err > mean + o.sensitivity * std)
+    st[0] = torch.where(spike, torch.full_like(st[0], o.lambda_max), st[0] * o.decay)
+    st[1:] += torch.stack([torch.ones_like(err), err, err * err])
+    out.probes["lambda"] = torch.tensor(lam)
+    return out
+
+
+def method_replays(method: str, options) -> int:
+    """How many times in a row the trainer trains each batch (Free-AT's m; 1 for other methods)."""
+    spec = METHODS.get(method)
+    return 1 if spec.replays is None else int(spec.replays(options))
 
 
 def list_methods() -> list[str]:

@@ -284,7 +284,7 @@ def test_bad_input_exits_2_with_one_line_and_no_files(target, tmp_path, capsys, 
 
 
 def test_attack_parameters_come_from_the_attack_signatures():
-    assert attack_param_names("pgd") == ["steps", "step_size", "restarts", "loss", "random_start"]
+    assert attack_param_names("pgd") == ["steps", "step_size", "restarts", "loss", "random_start", "kappa"]
     assert attack_param_names("rfgsm") == ["alpha"] and attack_param_names("fgsm") == []
     assert attack_param_names("ifgsm") == ["steps", "step_size"]
 
