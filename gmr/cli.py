@@ -13,6 +13,9 @@ from typing import Any, Callable
 import yaml
 
 EXIT_USAGE = 2
+# gmr.runs.CHECKPOINTS, spelled out so that building the parser does not import torch (a test keeps
+# the two equal)
+CHECKPOINT_CHOICES = ("best", "last", "ema", "ema_last")
 
 
 class UsageError(Exception):
@@ -98,6 +101,11 @@ def _add_train(sub) -> None:
     p.add_argument("--precision",
                    help="of the training step: fp32 (default), bf16, fp16 (CUDA only) or auto (bf16 where "
                         "the device computes it natively); evaluation and probes stay fp32")
+    p.add_argument("--label-smoothing", type=float,
+                   help="label smoothing of the training cross-entropy, in [0, 1) (default 0)")
+    p.add_argument("--ema-decay", type=float,
+                   help="keep an exponential moving average of the weights with this decay, probed each "
+                        "epoch and saved as checkpoints ema (its best epoch) and ema_last (default: none)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (opt-in: about 2x slower on CPU)")
     p.add_argument("--no-progress", action="store_true")
@@ -145,7 +153,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--attacks", default="clean,fgsm,pgd", type=_csv_list,
                    help="comma-separated attacks (see `gmr attacks`), e.g. clean,fgsm,rfgsm,ifgsm,pgd,pgd_cw,autoattack")
     p.add_argument("--n-test", default="1000", help="first n test points in order (default 1000; all: whole set)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--checkpoint", default="best", choices=CHECKPOINT_CHOICES,
+                   help="best (selected, the paper's), last, ema or ema_last (runs trained with --ema-decay)")
     p.add_argument("--eps", type=float, help="budget (default: the run's training eps)")
     p.add_argument("--eps-list", type=_csv_list, metavar="E1,E2,...",
                    help="also run every attack at these budgets (result key eps_sweep)")
@@ -154,7 +163,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--restarts", type=int, help="restarts of pgd and pgd_cw (default 1)")
     p.add_argument("--transfer-from", metavar="SOURCE_RUN",
                    help="craft transfer attacks on this run's model (result key transfer)")
-    p.add_argument("--transfer-checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--transfer-checkpoint", default="best", choices=CHECKPOINT_CHOICES)
     p.add_argument("--transfer-attacks", default="fgsm,rfgsm,pgd", type=_csv_list)
     p.add_argument("--aa-version", default="standard", help="AutoAttack version: standard (default), plus, custom")
     p.add_argument("--aa-norm", default="Linf", help="AutoAttack norm: Linf (default) or L2 (needs --eps)")

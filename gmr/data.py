@@ -378,10 +378,13 @@ def augment_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None,
 
 
 class BatchIterator:
-    """Shuffled mini-batches by slicing a random permutation of tensors that stay on the device."""
+    """Shuffled mini-batches by slicing a random permutation of tensors that stay on the device. With
+    `with_indices`, each batch also carries its examples' positions in `x` (for methods that keep
+    per-example state); the order and the generator's draws are the same either way."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,
-                 augment: bool = False, generator: torch.Generator | None = None, drop_last: bool = False):
+                 augment: bool = False, generator: torch.Generator | None = None, drop_last: bool = False,
+                 with_indices: bool = False):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.x, self.y = x, y
@@ -390,12 +393,13 @@ class BatchIterator:
         self.augment = augment
         self.generator = generator
         self.drop_last = drop_last
+        self.with_indices = with_indices
 
     def __len__(self) -> int:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.x)
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(self.x.device)
@@ -404,10 +408,11 @@ class BatchIterator:
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:
+                idx = torch.arange(lo, hi, device=self.x.device)
                 xb, yb = self.x[lo:hi], self.y[lo:hi]
             else:
                 idx = order[lo:hi]
                 xb, yb = self.x[idx], self.y[idx]
             if self.augment:
                 xb = augment_crop_flip(xb, self.generator)
-            yield xb, yb
+            yield (xb, yb, idx) if self.with_indices else (xb, yb)

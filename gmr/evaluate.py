@@ -58,7 +58,8 @@ NON_ATTACKS = ("clean",)
 AUTOATTACK = "autoattack"
 TRANSFER_ATTACKS = ("fgsm", "rfgsm", "pgd")
 RESTART_ATTACKS = ("pgd", "pgd_cw")  # --restarts applies to these; pgd_50_10 keeps its 10
-Checkpoint = Literal["best", "last", "published"]  # a run's model_best.pt, model_last.pt; a zoo model's weights
+# a run's model_best.pt, model_last.pt, model_ema.pt, model_ema_last.pt (weight average); a zoo model's weights
+Checkpoint = Literal["best", "last", "ema", "ema_last", "published"]
 _SIGNATURE_SKIP = {"model", "x", "y", "eps", "generator", "bn"}  # bn: training attacks only (eval here)
 # What a parameter of that name may hold, whichever attack takes it (the attack's signature gives the
 # names, defaults and the plain types; these add the value checks).
@@ -135,7 +136,7 @@ class EvalConfig:
     run: str | None = None              # a run directory, or None with `zoo`
     attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd"])
     n_test: PositiveInt | None = 1000   # first n test points in order; None: the whole test set
-    checkpoint: Checkpoint = "best"    # best (the paper's selection) or last
+    checkpoint: Checkpoint = "best"    # best (the paper's selection), last, ema or ema_last (weight average)
     eps: float | None = None            # None: the eps the run was trained with (Linf)
     eps_list: list[float] = field(default_factory=list)   # extra budgets for every attack asked for
     batch_size: PositiveInt = 500
@@ -197,7 +198,7 @@ class EvalConfig:
             if self.dataset is not None or self.model_dir is not None:
                 raise ValueError("--dataset and --model-dir go with --zoo; a run directory knows its dataset")
             if self.checkpoint == "published":
-                raise ValueError("checkpoint published is a zoo model's; a run has best and last")
+                raise ValueError("checkpoint published is a zoo model's; a run has best, last, ema and ema_last")
             return
         from .zoo import check_subject
 

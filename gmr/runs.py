@@ -39,9 +39,14 @@ from torch import nn
 from .io import read_csv, read_json, torch_save, write_csv, write_json
 
 RUN_SCHEMA = "gmr.run/1"
-CHECKPOINTS = ("best", "last")
+# best, last: the model at its selected and last epoch; ema, ema_last: the weight average (runs trained
+# with ema_decay) at its own selected epoch and after the last one.
+CHECKPOINTS = ("best", "last", "ema", "ema_last")
+# The epoch each checkpoint holds, by its key in run.json's `selection`.
+CHECKPOINT_EPOCH_KEYS = {"best": "best_epoch", "last": "last_epoch", "ema": "ema_best_epoch", "ema_last": "last_epoch"}
 # The files a run directory holds (beside epochs/); `gmr train` removes their stale temporary files.
-RUN_FILES = ("run.json", "train_log.csv", "model_best.pt", "model_last.pt", "checkpoint.pt")
+RUN_FILES = ("run.json", "train_log.csv", "model_best.pt", "model_last.pt", "model_ema.pt", "model_ema_last.pt",
+             "checkpoint.pt")
 # What checkpoint.pt must hold to be resumed, and the columns every training log has.
 RESUME_KEYS = ("epoch", "config_identity", "model", "optimizer", "scheduler", "rng_cpu", "rng_data",
                "best_metric", "best_epoch", "log", "ledger")
@@ -119,9 +124,12 @@ class RunDir:
         """The record of a finished run that has the model file of `checkpoint`, without loading it (a
         caller that will load the model anyway checks it once, when it loads it)."""
         if checkpoint not in CHECKPOINTS:
-            raise RunError(f"checkpoint must be best or last, got {checkpoint!r}")
+            raise RunError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
         record = self.record(what)
         if not self.model_file(checkpoint).is_file():
+            if checkpoint.startswith("ema") and record.get("config", {}).get("ema_decay") is None:
+                raise RunError(f"{what} {self.path} was trained without a weight average (ema_decay); "
+                               "use checkpoint best or last")
             raise RunError(f"{what} {self.path} has no model_{checkpoint}.pt; the run is incomplete")
         return record
 
@@ -149,7 +157,7 @@ class RunDir:
 
     def checkpoint_epoch(self, checkpoint: str, record: dict | None = None) -> int | None:
         sel = (record if record is not None else self.record()).get("selection", {})
-        return sel.get("best_epoch" if checkpoint == "best" else "last_epoch")
+        return sel.get(CHECKPOINT_EPOCH_KEYS.get(checkpoint, "last_epoch"))
 
     def same_weights(self, record: dict | None = None) -> bool:
         """True when the selected model is the last one (model_best.pt and model_last.pt are equal)."""

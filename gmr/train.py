@@ -9,7 +9,18 @@ selection, saving) and `run_record`. The run directory and its files belong to `
     train_log.csv    one row per finished epoch (validation probes, train loss/accuracy, lr, seconds)
     model_best.pt    weights with the best validation I-FGSM-3 accuracy (the paper's selection)
     model_last.pt    weights after the last epoch
+    model_ema.pt, model_ema_last.pt   with `ema_decay`: the weight average at its own best epoch (by
+                     its validation I-FGSM-3 accuracy) and after the last epoch (`--checkpoint ema`)
     checkpoint.pt    resume state; removed when the run finishes unless `keep_resume_state`
+
+Beyond the paper's recipe, the trainer offers what fast-AT recipes need, each in run.json (`training`)
+and in the resume state: label smoothing of the training cross-entropy (`label_smoothing`, read by the
+methods through `gmr.methods.loss_context`); an exponential moving average of the weights (`ema_decay`,
+torch's AveragedModel, BatchNorm buffers averaged too), probed every epoch (`ema_val_*` columns);
+per-example state for methods that register `per_example_state` (the batch's dataset indices and a
+store of tensors saved in checkpoint.pt); and minibatch replays for methods that declare them
+(Free-AT: each batch trained m times in a row, and the configured epochs, counted as passes over the
+data as the paper counts them, divided by m: ceil(epochs / m) epochs of m replays).
 
 `train()` holds the run folder's lock (gmr/locks.py) while it writes, so a second `gmr train` on the same
 folder stops with the holder's name instead of mixing two runs' files. A resume checks checkpoint.pt (zip
@@ -26,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import attacks, precision
@@ -34,9 +46,9 @@ from .data import BatchIterator, DataSpec, Split, dataset_info, list_datasets, l
 from .io import check_folder_path, remove_stale_temps, torch_save
 from .locks import lock_folder
 from .masking.probes import fgsm_rfgsm_logit_distance, gradient_alignment
-from .methods import METHODS, make_options, method_cost
+from .methods import METHODS, StepContext, loss_context, make_options, method_cost, method_replays
 from .models import MODELS, create_model
-from .options import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check
+from .options import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Seed, check
 from .runs import RUN_FILES, RUN_SCHEMA, RunDir, RunError, load_weights, new_run_id, weights_digest, write_train_log
 
 SCHEDULES = ("step", "cyclic", "onecycle", "constant")
@@ -80,6 +92,8 @@ class TrainConfig:
     threads: PositiveInt | None = None
     precision: str = "fp32"             # of the training step: fp32, bf16, fp16 (CUDA), auto (gmr/precision.py)
     compile: bool = False               # torch.compile the model: opt-in, about 2x slower on CPU (gmr/precision.py)
+    label_smoothing: Fraction = 0.0     # of the training cross-entropy (FastAT Benchmark: 0.4); 0: none
+    ema_decay: Fraction | None = None   # weight average w <- d w + (1 - d) w_model per step (0.9995); None: off
 
     def resolved_eps(self) -> float:
         return self.eps if self.eps is not None else dataset_info(self.dataset).default_eps
@@ -102,6 +116,19 @@ class TrainConfig:
         make_options(self.method, self.dataset, self.method_options)
         precision.resolve(self.precision, pick_device(self.device))
         check_threads(self.threads)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.9995), got {self.ema_decay}")
+        if self.label_smoothing > 0:
+            check_label_smoothing(self)
+
+    def replays(self) -> int:
+        """Times each batch is trained in a row (the method's; Free-AT's m)."""
+        return method_replays(self.method, make_options(self.method, self.dataset, self.method_options))
+
+    def trained_epochs(self) -> int:
+        """Epochs the trainer runs: `epochs` counts passes over the data including replays (Free-AT's
+        convention, free_train.py:97-100), so ceil(epochs / m) epochs of m replays each."""
+        return math.ceil(self.epochs / self.replays())
 
     def _check_sizes(self) -> None:
         """n_train and n_val within the split the dataset has, from its facts (no data is loaded): a
@@ -134,7 +161,31 @@ class TrainConfig:
             d.pop(key)
         if d["precision"] == "fp32":  # runs recorded before the option trained in fp32: still the same run
             d.pop("precision")
+        for key, off in (("label_smoothing", 0.0), ("ema_decay", None)):  # the same for runs made before them
+            if d[key] == off:
+                d.pop(key)
         return d
+
+
+def check_label_smoothing(cfg: TrainConfig) -> None:
+    """Refuse label smoothing for a method whose training loss does not read it (one that calls
+    F.cross_entropy itself): one step of a tiny model on two random inputs shows whether it does."""
+    info = dataset_info(cfg.dataset)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, *info.input_shape, generator=gen)
+    y = torch.randint(0, info.num_classes, (2,), generator=gen)
+    model = create_model("tiny_cnn", cfg.dataset).train()
+    spec = METHODS.get(cfg.method)
+    rng = torch.get_rng_state()
+    try:
+        with loss_context(cfg.label_smoothing) as ctx:
+            spec.fn(model, x, y, cfg.resolved_eps(), make_options(cfg.method, cfg.dataset, cfg.method_options),
+                    **({"ctx": StepContext.fresh(x)} if spec.per_example_state else {}))
+    finally:
+        torch.set_rng_state(rng)  # the check must not move the global stream
+    if not ctx.applied:
+        raise ValueError(f"method {cfg.method} computes its own cross-entropy and would ignore label_smoothing "
+                         f"{cfg.label_smoothing}; use label_smoothing 0 with it")
 
 
 def paper_step_factor(epoch: int, epochs: int) -> float:
@@ -224,6 +275,10 @@ class TrainState:
     log: list[dict] = field(default_factory=list)
     ledger: dict[str, float] = field(default_factory=_new_ledger)
     scaler: torch.amp.GradScaler | None = None   # fp16 loss scaling (disabled otherwise); its scale is saved
+    ema: AveragedModel | None = None    # the weight average (cfg.ema_decay), updated after every step
+    ema_best_metric: float = -math.inf  # its best validation I-FGSM-3 accuracy so far
+    ema_best_epoch: int = -1
+    method_store: dict[str, torch.Tensor] = field(default_factory=dict)  # StepContext.store of the method
 
     @classmethod
     def create(cls, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, device) -> TrainState:
@@ -236,12 +291,15 @@ class TrainState:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
         batches = BatchIterator(x, y, cfg.batch_size, shuffle=True, augment=dataset_info(cfg.dataset).augment,
-                                generator=torch.Generator().manual_seed(cfg.seed))
-        total_steps = cfg.epochs * len(batches)
+                                generator=torch.Generator().manual_seed(cfg.seed), with_indices=True)
+        steps_per_epoch = len(batches) * cfg.replays()  # the lr moves every replay (free_train.py:47, :126)
+        total_steps = cfg.trained_epochs() * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps, len(batches)))
+            optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps, steps_per_epoch))
+        ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+               if cfg.ema_decay is not None else None)
         return cls(new_run_id(cfg.method, cfg.dataset, cfg.seed), model, optimizer, scheduler, batches,
-                   scaler=precision.grad_scaler(step_precision, device))
+                   scaler=precision.grad_scaler(step_precision, device), ema=ema)
 
     def to_checkpoint(self, identity: dict, device) -> dict:
         weights = self.model.state_dict()
@@ -253,6 +311,8 @@ class TrainState:
             "rng_data": self.batches.generator.get_state(),
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, "log": self.log,
             "ledger": self.ledger, "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_best": [self.ema_best_metric, self.ema_best_epoch], "method_state": dict(self.method_store),
         }
 
     def load_checkpoint(self, ckpt: dict, device) -> None:
@@ -269,6 +329,10 @@ class TrainState:
         self.log, self.ledger = list(ckpt["log"]), dict(ckpt["ledger"])
         if ckpt.get("scaler") and self.scaler is not None:  # fp16: the loss scale it had reached
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+            self.ema_best_metric, self.ema_best_epoch = ckpt["ema_best"]
+        self.method_store = {k: v.to(device) for k, v in ckpt.get("method_state", {}).items()}
 
 
 def _conflict(run: RunDir) -> RunConflict:
@@ -317,6 +381,9 @@ def _repair_run_files(state: TrainState, cfg: TrainConfig, run: RunDir) -> None:
     last, _ = _saved_epoch(run.model_file("last"))
     if last is None or last < state.epoch:
         run.save_weights(state.model, state.epoch, cfg.model, cfg.dataset, "last")
+    ema_last, _ = _saved_epoch(run.model_file("ema_last"))
+    if state.ema is not None and (ema_last is None or ema_last < state.epoch):
+        run.save_weights(state.ema.module, state.epoch, cfg.model, cfg.dataset, "ema_last")
     best_file, k = run.model_file("best"), state.best_epoch
     best, problem = _saved_epoch(best_file)
     if k < 1 or best == k or (best is not None and best > state.epoch):
@@ -349,46 +416,63 @@ class TrainJob:
     precision: str = "fp32"             # resolved precision of the training step (gmr/precision.py)
     channels_last: bool = False         # the model's layout (gmr/precision.py)
     co_batch: tuple[torch.Tensor, torch.Tensor] | None = None   # Wong et al.'s training-batch probe
+    replays: int = 1                    # times each batch is trained in a row (the method's)
+    stateful: bool = False              # the method takes a StepContext (per_example_state)
 
 
 def train_epoch(state: TrainState, job: TrainJob) -> tuple[dict[str, float], float]:
-    """One pass over the shuffled training data; returns (train_* columns of the log row, seconds).
-    Raises TrainingDiverged on a non-finite loss (checked every step on CPU, every 50 on a GPU)."""
-    cfg, device, eps = job.cfg, job.device, job.cfg.resolved_eps()
+    """One pass over the shuffled training data (each batch `replays` times in a row); returns
+    (train_* columns of the log row, seconds). Raises TrainingDiverged on a non-finite loss (checked
+    every step on CPU, every 50 on a GPU)."""
+    cfg, device = job.cfg, job.device
     state.model.train()
     job.counter.enabled = True
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    extra: dict[str, torch.Tensor] = {}
+    sums = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device)}
     seen = 0
     watch = Stopwatch(device)
-    bar = tqdm(state.batches, desc=f"{cfg.method} epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
+    bar = tqdm(state.batches, desc=f"{cfg.method} epoch {state.epoch + 1}/{cfg.trained_epochs()}", leave=False,
                disable=not job.progress, mininterval=1.0)
     with watch:
-        for step, (xb, yb) in enumerate(bar):
-            with precision.autocast(job.precision, device):  # the attack making the batch included
-                result = job.method(state.model, xb, yb, eps, job.options)
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scaler.scale(result.loss).backward()  # a disabled scaler (fp32, bf16) passes through
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-            state.scheduler.step()
-            loss_sum += result.loss.detach().float() * len(yb)  # sums in fp32, not in the step's bf16
-            correct += (result.logits.detach().argmax(1) == result.targets).sum()
-            for k, v in result.probes.items():
-                extra[k] = extra.get(k, 0.0) + v.detach().float() * len(yb)
-            seen += len(yb)
-            # checking every step would synchronise the GPU each step
-            if (device.type == "cpu" or step % 50 == 0) and not torch.isfinite(result.loss):
-                raise TrainingDiverged(
-                    f"loss became {result.loss.item()} at epoch {state.epoch + 1}, step {step + 1} "
-                    f"({cfg.method}, lr {state.scheduler.get_last_lr()[0]:.3g}); lower --lr or the "
-                    "method's lambda. The last finished epoch is kept in checkpoint.pt")
-    if not torch.isfinite(loss_sum):
+        for step, (xb, yb, idx) in enumerate(bar):
+            for replay in range(job.replays):
+                result = _train_step(state, job, xb, yb, StepContext(idx, len(state.batches.x), state.method_store,
+                                                                     state.epoch, replay))
+                sums["loss"] += result.loss.detach().float() * len(yb)  # sums in fp32, not in the step's bf16
+                sums["correct"] += (result.logits.detach().argmax(1) == result.targets).sum()
+                for k, v in result.probes.items():
+                    sums[f"p_{k}"] = sums.get(f"p_{k}", 0.0) + v.detach().float() * len(yb)
+                seen += len(yb)
+                # checking every step would synchronise the GPU each step
+                if (device.type == "cpu" or step % 50 == 0) and not torch.isfinite(result.loss):
+                    raise TrainingDiverged(
+                        f"loss became {result.loss.item()} at epoch {state.epoch + 1}, step {step + 1} "
+                        f"({cfg.method}, lr {state.scheduler.get_last_lr()[0]:.3g}); lower --lr or the "
+                        "method's lambda. The last finished epoch is kept in checkpoint.pt")
+    if not torch.isfinite(sums["loss"]):
         raise TrainingDiverged(f"loss became non-finite during epoch {state.epoch + 1} ({cfg.method}); "
                                "lower --lr or the method's lambda")
     _count(state.ledger, job.counter, seen, watch.seconds)
-    return ({"train_loss": (loss_sum / seen).item(), "train_acc": (correct / seen).item(),
-             **{f"train_{k}": (v / seen).item() for k, v in extra.items()}}, watch.seconds)
+    return ({"train_loss": (sums["loss"] / seen).item(), "train_acc": (sums["correct"] / seen).item(),
+             **{f"train_{k[2:]}": (v / seen).item() for k, v in sums.items() if k.startswith("p_")}},
+            watch.seconds)
+
+
+def _train_step(state: TrainState, job: TrainJob, xb, yb, ctx: StepContext):
+    """One optimizer step: the method's loss (under the step's precision and the trainer's label
+    smoothing), backward, the method's after-backward hook, the step, the lr and the weight average."""
+    kwargs = {"ctx": ctx} if job.stateful else {}
+    with precision.autocast(job.precision, job.device), loss_context(job.cfg.label_smoothing):
+        result = job.method(state.model, xb, yb, job.cfg.resolved_eps(), job.options, **kwargs)  # attack included
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(result.loss).backward()  # a disabled scaler (fp32, bf16) passes through
+    if result.after_backward is not None:
+        result.after_backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update_parameters(state.model)
+    return result
 
 
 def _count(ledger: dict, counter: PassCounter, samples: int, seconds: float) -> None:
@@ -408,6 +492,9 @@ def end_of_epoch(state: TrainState, job: TrainJob, train_row: dict, seconds: flo
         probes = validation_probes(model, job.x_val, job.y_val, cfg, state.epoch, job.device)
         if job.co_batch is not None:
             probes["train_batch_pgd5"] = train_batch_pgd5(model, *job.co_batch, cfg, state.epoch, job.device)
+        if state.ema is not None:  # the same probes (same seeds) on the weight average
+            ema_probes = validation_probes(state.ema.module, job.x_val, job.y_val, cfg, state.epoch, job.device)
+            probes.update({f"ema_{k}": v for k, v in ema_probes.items()})
     state.ledger["probe_seconds"] += probe_watch.seconds
     state.epoch += 1
     row = {"epoch": state.epoch, **train_row, **probes, "lr": state.scheduler.get_last_lr()[0],
@@ -418,14 +505,26 @@ def end_of_epoch(state: TrainState, job: TrainJob, train_row: dict, seconds: flo
         run.save_weights(model, state.epoch, cfg.model, cfg.dataset, "best")
     run.save_weights(model, state.epoch, cfg.model, cfg.dataset,
                      "last", *(["epoch"] if cfg.keep_epoch_checkpoints else []))
+    if state.ema is not None:
+        _save_ema(state, cfg, run, probes["ema_val_ifgsm3"])
     write_train_log(run.log_file, state.log)
     torch_save(run.resume_file, state.to_checkpoint(cfg.identity(), job.device))
     if job.progress:
-        print(f"[{cfg.method}] epoch {state.epoch}/{cfg.epochs}: loss {row['train_loss']:.3f} "
+        print(f"[{cfg.method}] epoch {state.epoch}/{cfg.trained_epochs()}: loss {row['train_loss']:.3f} "
               f"val clean {probes['val_clean']:.3f} fgsm {probes['val_fgsm']:.3f} "
               f"ifgsm3 {probes['val_ifgsm3']:.3f} pgd {probes['val_pgd']:.3f} "
               f"({seconds:.1f}s + probes {probe_watch.seconds:.1f}s)", flush=True)
     return row
+
+
+def _save_ema(state: TrainState, cfg: TrainConfig, run: RunDir, metric: float) -> None:
+    """The weight average after this epoch (model_ema_last.pt), and as model_ema.pt when its own
+    validation I-FGSM-3 accuracy is the best so far (selected like model_best.pt)."""
+    names = ["ema_last"]
+    if metric > state.ema_best_metric:
+        state.ema_best_metric, state.ema_best_epoch = metric, state.epoch
+        names.append("ema")
+    run.save_weights(state.ema.module, state.epoch, cfg.model, cfg.dataset, *names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,7 +538,7 @@ def _cost(cfg: TrainConfig, options, ledger: dict, device) -> dict:
         "passes": counted, "passes_per_sample": counted / max(ledger["samples"], 1),
         "declared_passes_per_sample": declared.passes,
         "train_seconds": ledger["train_seconds"], "probe_seconds": ledger["probe_seconds"],
-        "seconds_per_epoch": ledger["train_seconds"] / cfg.epochs,
+        "seconds_per_epoch": ledger["train_seconds"] / cfg.trained_epochs(),
         "images_per_second": ledger["samples"] / max(ledger["train_seconds"], 1e-9),
         "peak_memory_mb": peak_memory_mb(device), **device_facts(device),
     }
@@ -455,8 +554,12 @@ def run_record(state: TrainState, job: TrainJob, n_train: int) -> dict:
         "eps": cfg.resolved_eps(), "method_options": dataclasses.asdict(job.options),
         "data": {"n_train": n_train, "n_val": len(job.x_val), "split_seed": cfg.split_seed,
                  "val_size": cfg.val_size or dataset_info(cfg.dataset).default_val_size},
-        "selection": {"criterion": "val_ifgsm3", "best_epoch": state.best_epoch, "last_epoch": cfg.epochs},
-        "metrics": {"best": by_epoch[state.best_epoch], "last": by_epoch[cfg.epochs]},
+        "selection": {"criterion": "val_ifgsm3", "best_epoch": state.best_epoch, "last_epoch": state.epoch,
+                      **({"ema_best_epoch": state.ema_best_epoch} if state.ema is not None else {})},
+        "metrics": {"best": by_epoch[state.best_epoch], "last": by_epoch[state.epoch]},
+        "training": {"label_smoothing": cfg.label_smoothing, "ema_decay": cfg.ema_decay,
+                     "replays": job.replays, "trained_epochs": state.epoch,
+                     "method_state": sorted(state.method_store)},
         "cost": {**_cost(cfg, job.options, state.ledger, job.device), "precision": job.precision,
                  "channels_last": job.channels_last},
         "resume_state_kept": cfg.keep_resume_state,
@@ -494,6 +597,7 @@ def _train(cfg: TrainConfig, run: RunDir, progress: bool) -> dict:
     job = TrainJob(cfg, run, device, x_va, y_va, METHODS.get(cfg.method).fn,
                    make_options(cfg.method, cfg.dataset, cfg.method_options), PassCounter(state.model), progress,
                    co_batch=(x_tr[:cfg.batch_size], y_tr[:cfg.batch_size]))
+    job.replays, job.stateful = cfg.replays(), METHODS.get(cfg.method).per_example_state
     job.precision = precision.resolve(cfg.precision, device)
     job.channels_last = precision.channels_last(job.precision, device, state.model)
     if cfg.compile:  # in place: the state dict keeps its names; compiled on the first step of each mode
@@ -501,7 +605,7 @@ def _train(cfg: TrainConfig, run: RunDir, progress: bool) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        while state.epoch < cfg.epochs:
+        while state.epoch < cfg.trained_epochs():
             train_row, seconds = train_epoch(state, job)
             end_of_epoch(state, job, train_row, seconds)
     finally:

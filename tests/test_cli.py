@@ -229,3 +229,10 @@ def test_listings(capsys):
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in list_datasets())
+
+
+def test_checkpoint_choices_are_the_run_checkpoints():
+    from gmr.cli import CHECKPOINT_CHOICES
+    from gmr.runs import CHECKPOINTS
+
+    assert CHECKPOINT_CHOICES == CHECKPOINTS

@@ -57,8 +57,9 @@ from .render import Formatted, Table, drop_constant, missing, num, pct_interval,
 # Evaluation attacks in table order, with their column titles (other attacks follow, by name).
 ATTACK_TITLES = {"clean": "Clean", "fgsm": "FGSM", "rfgsm": "R-FGSM", "ifgsm": "I-FGSM", "pgd": "PGD",
                  "pgd_cw": "PGD-CW", "autoattack": "AutoAttack"}
-CHECKPOINT_TITLES = {"best": "selected", "last": "last", "published": "published"}
-CHECKPOINT_ORDER = {"best": 0, "last": 1, "published": 2}
+CHECKPOINT_TITLES = {"best": "selected", "last": "last", "ema": "weight avg., selected",
+                     "ema_last": "weight avg., last", "published": "published"}
+CHECKPOINT_ORDER = {"best": 0, "last": 1, "ema": 2, "ema_last": 3, "published": 4}
 KEYS = ["dataset", "model", "eps", "method"]
 AUDIT_VALUES = ("clean_accuracy", "fgsm_accuracy", "pgd_accuracy", "fgsm_pgd_accuracy_gap",
                 "gradient_alignment", "fgsm_rfgsm_logit_distance", "fgsm_loss_nonmonotone")

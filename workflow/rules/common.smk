@@ -262,6 +262,25 @@ def _check_method_options(experiments: dict) -> None:
                     raise ConfigError(key, str(err)) from None
 
 
+def _check_label_smoothing(experiments: dict, raw: dict) -> None:
+    """train.label_smoothing only with methods whose training loss reads it (gmr.train
+    check_label_smoothing: one step of a tiny model), so a job does not fail after the others ran."""
+    from gmr.train import TrainConfig, check_label_smoothing
+
+    for name, exp in experiments.items():
+        smoothing = exp["train"].get("label_smoothing", 0)
+        if not smoothing:
+            continue
+        for method in exp["methods"]:
+            cfg = TrainConfig(dataset=exp["dataset"], method=method, label_smoothing=smoothing,
+                              eps=float(next(iter(exp["eps"].values()))),
+                              method_options=_as_job_sees(f"method_options.{method}", exp["method_options"][method]))
+            try:
+                check_label_smoothing(cfg)
+            except ValueError as err:
+                raise ConfigError(_where(raw, name, "train", "label_smoothing"), str(err)) from None
+
+
 def _check_attack_params(experiments: dict, raw: dict) -> None:
     """Each attack's parameters as `gmr evaluate --param` checks them: EvalConfig._check_attacks calls
     this same convert_values (EvalConfig.validate itself needs a trained run). Parameters of an attack
@@ -391,6 +410,7 @@ def check_config(config: dict, raw: dict) -> dict:
     _check_speed(experiments, raw)
     if gmr_checks:
         _check_method_options(experiments)
+        _check_label_smoothing(experiments, raw)
         _check_attack_params(experiments, raw)
         _check_sizes(experiments, raw)
     return experiments
@@ -405,7 +425,7 @@ wildcard_constraints:
     method=r"[a-z0-9_]+",
     eps=EPS_LABEL,
     seed=r"[0-9]+",
-    ckpt=r"best|last",
+    ckpt=r"best|last|ema|ema_last",
     dataset=r"[a-z0-9_]+",
     zoo=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",   # a RobustBench model name (zoo_models:)
 
