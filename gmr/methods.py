@@ -578,6 +578,23 @@ def _softmax_distance(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
     return (F.softmax(z_a, dim=1) - F.softmax(z_b, dim=1)).pow(2).sum(1)
 
 
+def _guided_step(model, x, y, eps, o, attack_term: Callable, loss_term: Callable) -> StepOutput:
+    """The step GAT and NuAT share; they differ only in the distance between clean and adversarial
+    logits. The attack adds lambda * attack_term(z(x), z(x~)) on the batches `relax_rate` picks; the
+    update minimises CE(z(x)) + lambda * loss_term(z(x), z(x_adv)) on one train-mode forward of
+    [x_adv; x]."""
+    relax = None
+    if _relax_this_batch(o.relax_rate):
+        def relax(logits, z_clean):
+            return o.lambda_ * attack_term(z_clean, logits)
+    x_adv = _guided_attack(model, x, y, eps, o.noise_factor, relax)
+    logits = model(torch.cat([x_adv, x]))
+    z_adv, z_clean = logits[:len(x)], logits[len(x):]
+    ce = F.cross_entropy(z_clean, y)
+    reg = loss_term(z_clean, z_adv)
+    return StepOutput(ce + o.lambda_ * reg, z_adv, y, {"ce": ce.detach(), "reg": reg.detach()})
+
+
 @dataclass
 class GATOptions:
     lambda_: NonNegativeFloat = 10.0       # l2_reg: weight of the softmax distance, in the attack and the loss
@@ -603,17 +620,8 @@ def gat(model, x, y, eps, o: GATOptions) -> StepOutput:
     in the official code), because a method's last forward is its only train-mode one here. The
     official lambda grows during training (x4 at CIFAR epoch 85; x3 at MNIST's lr drop): that needs the
     epoch, which the trainer holds; this is the constant-lambda form."""
-    b = len(x)
-    relax = None
-    if _relax_this_batch(o.relax_rate):
-        def relax(logits, z_clean):
-            return o.lambda_ * _softmax_distance(z_clean, logits).sum()
-    x_adv = _guided_attack(model, x, y, eps, o.noise_factor, relax)
-    logits = model(torch.cat([x_adv, x]))
-    z_adv, z_clean = logits[:b], logits[b:]
-    ce = F.cross_entropy(z_clean, y)
-    reg = _softmax_distance(z_clean, z_adv).mean()
-    return StepOutput(ce + o.lambda_ * reg, z_adv, y, {"ce": ce.detach(), "reg": reg.detach()})
+    return _guided_step(model, x, y, eps, o, attack_term=lambda z, z_t: _softmax_distance(z, z_t).sum(),
+                        loss_term=lambda z, z_adv: _softmax_distance(z, z_adv).mean())
 
 
 @dataclass
@@ -648,17 +656,8 @@ def nuat(model, x, y, eps, o: NuATOptions) -> StepOutput:
     0 at epoch 0 to Nuc_max at epoch E-10 (:197, :274-275); a method does not see the epoch, so this
     is the constant-lambda form at Nuc_max, and the ramp is left to the trainer. BatchNorm models
     differ from the official code as in GAT (eval-mode target, one shared update forward)."""
-    b = len(x)
-    relax = None
-    if _relax_this_batch(o.relax_rate):
-        def relax(logits, z_clean):
-            return o.lambda_ * _nuclear(z_clean, logits)
-    x_adv = _guided_attack(model, x, y, eps, o.noise_factor, relax)
-    logits = model(torch.cat([x_adv, x]))
-    z_adv, z_clean = logits[:b], logits[b:]
-    ce = F.cross_entropy(z_clean, y)
-    reg = _nuclear(z_clean, z_adv) / b
-    return StepOutput(ce + o.lambda_ * reg, z_adv, y, {"ce": ce.detach(), "reg": reg.detach()})
+    return _guided_step(model, x, y, eps, o, attack_term=_nuclear,
+                        loss_term=lambda z, z_adv: _nuclear(z, z_adv) / len(z))
 
 
 @dataclass
