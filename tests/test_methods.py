@@ -16,6 +16,7 @@ from gmr.cost import PassCounter
 from gmr.methods import METHODS, make_options, method_cost
 from gmr.models import create_model
 from gmr.options import NonNegativeFloat, PositiveFloat, PositiveInt, build, check, convert_values
+from linear_case import B, SEED, W, X, Y, Linear
 
 ALL = METHODS.names()
 
@@ -150,28 +151,7 @@ def test_gmr_update_sees_both_halves_in_one_forward():
 # --------------------------------------------------------------------------------------------------
 # GMR against a hand computation
 
-class Linear(nn.Module):
-    def __init__(self, weight, bias):
-        super().__init__()
-        self.fc = nn.Linear(weight.shape[1], weight.shape[0]).double()
-        with torch.no_grad():
-            self.fc.weight.copy_(weight)
-            self.fc.bias.copy_(bias)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-
-
-W = torch.tensor([[0.9, -0.7, 0.4, 1.3, -0.2, 0.6],
-                  [-0.5, 1.1, -1.2, 0.3, 0.8, -0.9],
-                  [0.2, 0.35, 0.95, -1.05, -0.6, 0.45]], dtype=torch.float64)
-B = torch.tensor([0.1, -0.2, 0.05], dtype=torch.float64)
-X = torch.tensor([[0.0, 0.5, 1.0, 0.02, 0.98, 0.3],
-                  [0.45, 0.55, 0.6, 0.4, 0.5, 0.5],
-                  [1.0, 0.0, 0.25, 0.75, 0.1, 0.9],
-                  [0.33, 0.66, 0.5, 0.5, 0.2, 0.8]], dtype=torch.float64).view(4, 1, 2, 3)
-Y = torch.tensor([0, 1, 2, 1])
-EPS, ALPHA, LAMBDA, SEED = 0.3, 0.05, 5.0, 1234
+EPS, ALPHA, LAMBDA = 0.3, 0.05, 5.0
 
 
 def _logits(x):

@@ -6,36 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from gmr.methods import METHODS, _aaer_penalty, _relax_this_batch, elle_lambda, make_options
+from linear_case import B, SEED, W, X, Y, Linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-W = torch.tensor([[0.9, -0.7, 0.4, 1.3, -0.2, 0.6],
-                  [-0.5, 1.1, -1.2, 0.3, 0.8, -0.9],
-                  [0.2, 0.35, 0.95, -1.05, -0.6, 0.45]], dtype=torch.float64)
-B = torch.tensor([0.1, -0.2, 0.05], dtype=torch.float64)
-X = torch.tensor([[0.0, 0.5, 1.0, 0.02, 0.98, 0.3],
-                  [0.45, 0.55, 0.6, 0.4, 0.5, 0.5],
-                  [1.0, 0.0, 0.25, 0.75, 0.1, 0.9],
-                  [0.33, 0.66, 0.5, 0.5, 0.2, 0.8]], dtype=torch.float64).view(4, 1, 2, 3)
-Y = torch.tensor([0, 1, 2, 1])
-SEED = 1234
-
-
-class Linear(nn.Module):
-    """z = W x + b on flattened inputs, in float64 so hand and method agree to 1e-9."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3).double()
-        with torch.no_grad():
-            self.fc.weight.copy_(W)
-            self.fc.bias.copy_(B)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
 
 
 def _run(name: str, overrides: dict, eps: float, x=X, y=Y):
