@@ -162,6 +162,7 @@ def _experiments(config: dict, raw: dict) -> dict:
             method_options=options,
             evaluate=_merge(config["evaluate"], own.get("evaluate", {})),
             diagnose=_merge(config["diagnose"], own.get("diagnose", {})),
+            zoo_models=list(exp.get("zoo_models", [])),
         )
     return out
 
@@ -334,77 +335,30 @@ def _check_speed(experiments: dict, raw: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # RobustBench models: `zoo_models:` of an experiment (names of the RobustBench model zoo, evaluated and
 # audited on the experiment's dataset, budgets and test points beside its runs) and `zoo:` (where their
-# checkpoints are). Checked here like every other key: their own schema first, then the names against
-# robustbench's registry (gmr.zoo), before any job starts.
+# checkpoints are). The schema checks their form; the names are checked against robustbench's registry
+# (gmr.zoo) here, before any job starts.
 
-ZOO_SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "zoo": {
-            "description": "RobustBench model zoo (gmr/zoo.py; needs the zoo extra)",
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "model_dir": {
-                    "type": "string", "minLength": 1, "default": "models",
-                    "description": "folder of RobustBench checkpoints, <model_dir>/<dataset>/Linf/<name>.pt; a "
-                                   "missing one is downloaded by the job that needs it (internet needed)"},
-            },
-        },
-        "zoo_models": {
-            "description": "RobustBench model names (see `gmr zoo list`) evaluated and audited beside the "
-                           "experiment's runs, on the same test points and budgets",
-            "type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True,
-        },
-    },
-}
-
-
-def _zoo_problem(values: dict, prefix: str) -> None:
-    import jsonschema
-
-    for err in jsonschema.Draft202012Validator(ZOO_SCHEMA).iter_errors(values):
-        raise ConfigError(_key_path([*prefix, *err.absolute_path]), _schema_problem(err))
-
-
-def take_zoo_keys(config: dict) -> dict:
-    """Take `zoo:` and each experiment's `zoo_models:` out of the config (the general schema does not
-    describe them), checked against ZOO_SCHEMA; returns {"model_dir": ..., "models": {experiment: names}}."""
-    section = config.pop("zoo", None)
-    _zoo_problem({} if section is None else {"zoo": section}, [])
-    models = {}
-    for name, exp in (config.get("experiments") or {}).items():
-        if isinstance(exp, dict) and "zoo_models" in exp:
-            _zoo_problem({"zoo_models": exp["zoo_models"]}, ["experiments", name])
-            models[name] = list(exp.pop("zoo_models"))
-    return {"model_dir": (section or {}).get("model_dir", "models"), "models": models}
-
-
-def _check_zoo(experiments: dict, zoo: dict) -> None:
+def _check_zoo(experiments: dict) -> None:
     """Each experiment's zoo models exist in robustbench's zoo for its dataset (threat model Linf)."""
-    for name, models in zoo["models"].items():
+    for name, exp in experiments.items():
+        models = exp["zoo_models"]
         if not models:
             continue
         from gmr.zoo import check_names
 
         try:
-            check_names(models, experiments[name]["dataset"])
+            check_names(models, exp["dataset"])
         except ValueError as err:
             raise ConfigError(f"experiments.{name}.zoo_models", str(err)) from None
 
 
 def check_config(config: dict, raw: dict) -> dict:
     """Every key of the config; returns the experiments with their merged sections."""
-    zoo = take_zoo_keys(config)
     validate_config(config)
     experiments = _experiments(config, raw)
-    for name, exp in experiments.items():
-        exp["zoo_models"] = zoo["models"].get(name, [])
-    config["zoo"] = {"model_dir": zoo["model_dir"]}
     gmr_checks = _gmr_importable()
     if gmr_checks:
-        _check_zoo(experiments, zoo)
+        _check_zoo(experiments)
         _check_names(experiments, raw)
     _check_selections(experiments, raw)
     _check_speed(experiments, raw)
