@@ -102,7 +102,7 @@ def _add_train(sub) -> None:
                    help="of the training step: fp32 (default), bf16, fp16 (CUDA only) or auto (bf16 where "
                         "the device computes it natively); evaluation and probes stay fp32")
     p.add_argument("--label-smoothing", type=float,
-                   help="label smoothing of the training cross-entropy, in [0, 1) (default 0)")
+                   help="label smoothing of the training cross-entropy, in [0, 1] (default 0)")
     p.add_argument("--ema-decay", type=float,
                    help="keep an exponential moving average of the weights with this decay, probed each "
                         "epoch and saved as checkpoints ema (its best epoch) and ema_last (default: none)")
